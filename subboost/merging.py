@@ -1,0 +1,414 @@
+"""Merging methods as small pure functions over ``dict[str, Tensor]``, registered by name.
+
+Every method takes the list of task vectors Δ1..ΔN and returns the merged update Δm; the
+merged model is θ0 + α·Δm (:func:`subboost.taskvector.apply_task_vector`). The same table
+serves the notebooks, the CLI and the tests::
+
+    from subboost.merging import merge, METHODS
+    delta = merge(vectors, "ties", top_k=0.2, boost_beta=0.0)   # TIES, then Subspace Boosting
+
+Subspace Boosting (:mod:`subboost.boost`) is applied on top of any method, after it: masks
+first, boost second (SB does not commute with element-wise masks). LiNeS is a per-layer
+rescaling that SB commutes with. Spectral methods (Iso-C, Iso-CTS, TSV-M, HO-SB) decompose
+only the block matrices (:func:`subboost.taskvector.select_block_keys`) and average every
+other tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from subboost.boost import boost_task_vector
+from subboost.taskvector import (
+    LAYER_TYPES,
+    StateDict,
+    check_same_structure,
+    is_zero,
+    layer_index,
+    select_block_keys,
+)
+
+MergeFn = Callable[..., StateDict]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merging method: its function, the paper's α grid, a one-line summary."""
+
+    name: str
+    fn: MergeFn
+    summary: str
+    alpha_grid: tuple[float, ...] = field(default=tuple(round(0.1 * i, 1) for i in range(1, 11)))
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+_WIDE_ALPHA = tuple(round(0.1 * i, 1) for i in range(1, 31))  # Iso / TSV grids: 0.1 .. 3.0
+
+
+def register(name: str, summary: str, alpha_grid: Sequence[float] | None = None) -> Callable[[MergeFn], MergeFn]:
+    """Decorator adding a merging function to :data:`METHODS` under ``name``."""
+
+    def deco(fn: MergeFn) -> MergeFn:
+        if name in METHODS:
+            raise ValueError(f"merging method '{name}' is registered twice")
+        kwargs = {} if alpha_grid is None else {"alpha_grid": tuple(alpha_grid)}
+        METHODS[name] = MergeMethod(name, fn, summary, **kwargs)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look up a method; an unknown name raises ``ValueError`` listing the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown merging method '{name}'; known: {', '.join(sorted(METHODS))}") from None
+
+
+def _as_list(task_vectors: Sequence[Mapping[str, Tensor]] | Mapping[str, Mapping[str, Tensor]]) -> list[Mapping[str, Tensor]]:
+    if isinstance(task_vectors, Mapping):
+        names = list(task_vectors)
+        vectors = [task_vectors[n] for n in names]
+    else:
+        vectors = list(task_vectors)
+        names = None
+    check_same_structure(vectors, names)
+    return vectors
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _sum(vectors: list[Mapping[str, Tensor]], key: str) -> Tensor:
+    acc = vectors[0][key].to(_work_dtype(vectors[0][key])).clone()
+    for tv in vectors[1:]:
+        acc += tv[key].to(acc.dtype)
+    return acc
+
+
+# ---------------------------------------------------------------- element-wise methods
+
+
+@register("ta", "Task Arithmetic: Δm = Σ Δi (Ilharco et al. 2023)")
+def task_arithmetic(task_vectors: Sequence[Mapping[str, Tensor]]) -> StateDict:
+    """Task Arithmetic, Δm = Σ_i Δi."""
+    vectors = _as_list(task_vectors)
+    return {k: _sum(vectors, k).to(vectors[0][k].dtype) for k in vectors[0]}
+
+
+@register("average", "Weight averaging: Δm = (1/N) Σ Δi")
+def average(task_vectors: Sequence[Mapping[str, Tensor]]) -> StateDict:
+    """Plain averaging of the task vectors (TA with α = 1/N)."""
+    vectors = _as_list(task_vectors)
+    n = len(vectors)
+    return {k: (_sum(vectors, k) / n).to(vectors[0][k].dtype) for k in vectors[0]}
+
+
+def _check_fraction(value: float, name: str) -> float:
+    value = float(value)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} is a fraction in (0, 1] (0.2 keeps 20%), got {value}")
+    return value
+
+
+def ties_trim_thresholds(task_vectors: Sequence[Mapping[str, Tensor]], top_k: float = 0.2) -> list[float]:
+    """Per task, the magnitude of its ⌊top_k·P⌋-th largest entry over all P parameters."""
+    top_k = _check_fraction(top_k, "top_k")
+    thresholds = []
+    for tv in task_vectors:
+        flat = torch.cat([v.detach().reshape(-1).abs().to(torch.float32) for v in tv.values()])
+        keep = max(1, int(flat.numel() * top_k))
+        thresholds.append(float(torch.kthvalue(flat, flat.numel() - keep + 1).values))
+    return thresholds
+
+
+@register("ties", "TIES: trim to top-k% per task, elect signs, disjoint mean (Yadav et al. 2023)")
+def ties(task_vectors: Sequence[Mapping[str, Tensor]], top_k: float = 0.2) -> StateDict:
+    """TIES-Merging.
+
+    1. Trim: per task keep the entries whose magnitude is among its top ``top_k`` fraction
+       over the whole task vector (ties at the threshold are kept).
+    2. Elect: per entry, sign of the sum of the trimmed values. An exact tie (sum 0) takes
+       the majority sign, the sign of the sum of all elected signs over the whole vector
+       (+1 if that is 0 too), as in the reference implementation.
+    3. Disjoint mean: average the trimmed values that agree with the elected sign; entries
+       with none get 0.
+    """
+    vectors = _as_list(task_vectors)
+    thresholds = ties_trim_thresholds(vectors, top_k)
+    trimmed: dict[str, Tensor] = {}
+    elected: dict[str, Tensor] = {}
+    majority = 0.0
+    for key in vectors[0]:
+        stack = torch.stack([tv[key].to(_work_dtype(tv[key])) for tv in vectors])
+        thr = torch.tensor(thresholds, dtype=stack.dtype).view(-1, *([1] * (stack.ndim - 1)))
+        stack = torch.where(stack.abs() >= thr, stack, torch.zeros_like(stack))
+        trimmed[key] = stack
+        elected[key] = torch.sign(stack.sum(0))
+        majority += float(elected[key].sum())
+    majority_sign = 1.0 if majority >= 0 else -1.0
+    out: StateDict = {}
+    for key, stack in trimmed.items():
+        sign = elected[key]
+        sign = torch.where(sign == 0, torch.full_like(sign, majority_sign), sign)
+        agree = (torch.sign(stack) == sign.unsqueeze(0)) & (stack != 0)
+        count = agree.sum(0)
+        total = torch.where(agree, stack, torch.zeros_like(stack)).sum(0)
+        mean = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+        out[key] = mean.to(vectors[0][key].dtype)
+    return out
+
+
+def tall_masks(
+    task_vectors: Sequence[Mapping[str, Tensor]], lambdas: float | Sequence[float] = 0.4
+) -> list[dict[str, Tensor]]:
+    """TALL masks (Wang et al. 2024): mask_t = |Δt| ≥ λt·|ΔMTL − Δt|, with ΔMTL = Σ Δt."""
+    vectors = _as_list(task_vectors)
+    lams = [float(lambdas)] * len(vectors) if isinstance(lambdas, (int, float)) else [float(x) for x in lambdas]
+    if len(lams) != len(vectors):
+        raise ValueError(f"lambdas: got {len(lams)} values for {len(vectors)} task vectors")
+    masks: list[dict[str, Tensor]] = [{} for _ in vectors]
+    for key in vectors[0]:
+        mtl = _sum(vectors, key)
+        for t, tv in enumerate(vectors):
+            d = tv[key].to(mtl.dtype)
+            masks[t][key] = d.abs() >= lams[t] * (mtl - d).abs()
+    return masks
+
+
+@register("consensus", "Consensus merging: keep entries selected by ≥ k TALL masks (Wang et al. 2024)")
+def consensus(
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    k: int = 2,
+    lambdas: float | Sequence[float] = 0.4,
+    base: str = "ta",
+    top_k: float = 0.2,
+) -> StateDict:
+    """Consensus merging: the ``base`` merge ("ta" or "ties") restricted to the entries that
+    at least ``k`` TALL masks select (k = 2 in the paper). ``lambdas`` are the per-task TALL
+    thresholds (the papers tune them per task on validation data from {0.2, ..., 0.6})."""
+    vectors = _as_list(task_vectors)
+    if base not in ("ta", "ties"):
+        raise ValueError(f"consensus base must be 'ta' or 'ties', got '{base}'")
+    if int(k) < 1:
+        raise ValueError(f"consensus k must be ≥ 1, got {k}")
+    masks = tall_masks(vectors, lambdas)
+    merged = task_arithmetic(vectors) if base == "ta" else ties(vectors, top_k=top_k)
+    out: StateDict = {}
+    for key, value in merged.items():
+        count = torch.stack([m[key] for m in masks]).sum(0)
+        out[key] = torch.where(count >= int(k), value, torch.zeros_like(value))
+    return out
+
+
+# ---------------------------------------------------------------- LiNeS
+
+
+def lines_default_a(task_vectors: Sequence[Mapping[str, Tensor]], merged: Mapping[str, Tensor]) -> float:
+    """LiNeS multi-task default a = (‖Σt Δt‖1 / ‖Δm‖1) / T (Wang et al. 2025)."""
+    vectors = _as_list(task_vectors)
+    num = sum(float(_sum(vectors, k).abs().sum()) for k in vectors[0])
+    den = sum(float(v.abs().to(torch.float64).sum()) for v in merged.values())
+    if den == 0.0:
+        raise ValueError("LiNeS: the merged update is all zero")
+    return num / den / len(vectors)
+
+
+def lines_scales(keys: Iterable[str], a: float, b: float) -> dict[str, float]:
+    """Per-key LiNeS factor: a + b·l/(L−1) inside residual block l of a stack of L blocks,
+    a outside the blocks. L is counted per stack (e.g. ``visual`` and the text tower)."""
+    keys = list(keys)
+    depth: dict[str, int] = {}
+    for key in keys:
+        info = layer_index(key)
+        if info is not None:
+            depth[info[0]] = max(depth.get(info[0], 0), info[1] + 1)
+    scales = {}
+    for key in keys:
+        info = layer_index(key)
+        if info is None:
+            scales[key] = float(a)
+        else:
+            n = depth[info[0]]
+            scales[key] = float(a) + float(b) * (info[1] / (n - 1) if n > 1 else 0.0)
+    return scales
+
+
+def lines_scale(
+    merged: Mapping[str, Tensor],
+    b: float,
+    a: float | None = None,
+    task_vectors: Sequence[Mapping[str, Tensor]] | None = None,
+) -> StateDict:
+    """LiNeS: scale the merged update of residual block l by a + b·l/(L−1), the rest by a.
+
+    With ``a=None`` the multi-task default :func:`lines_default_a` is used (needs
+    ``task_vectors``).
+    """
+    if a is None:
+        if task_vectors is None:
+            raise ValueError("LiNeS: pass a, or the task vectors to compute its default")
+        a = lines_default_a(task_vectors, merged)
+    scales = lines_scales(merged.keys(), a, b)
+    return {k: (v.to(_work_dtype(v)) * scales[k]).to(v.dtype) for k, v in merged.items()}
+
+
+# ---------------------------------------------------------------- spectral methods
+
+
+def _polar(x: Tensor) -> Tensor:
+    """Closest matrix with orthonormal columns (orthogonal Procrustes): P Qᵀ from X = P Σ Qᵀ."""
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
+def _spectral_merge(
+    vectors: list[Mapping[str, Tensor]],
+    per_matrix: Callable[[list[Tensor]], Tensor],
+    layer_types: Iterable[str],
+    include_proj: bool,
+) -> StateDict:
+    keys = set(select_block_keys(vectors[0], layer_types, include_proj))
+    n = len(vectors)
+    out: StateDict = {}
+    for key in vectors[0]:
+        dtype = vectors[0][key].dtype
+        if key in keys:
+            mats = [tv[key].to(_work_dtype(tv[key])) for tv in vectors]
+            if all(is_zero(m) for m in mats):
+                out[key] = vectors[0][key].clone()
+            else:
+                out[key] = per_matrix(mats).to(dtype)
+        else:
+            out[key] = (_sum(vectors, key) / n).to(dtype)
+    return out
+
+
+@register("iso-c", "Iso-C: flatten the spectrum of Σ Δi to its mean (Marczak et al. 2025)", _WIDE_ALPHA)
+def iso_c(
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    layer_types: Iterable[str] = LAYER_TYPES,
+    include_proj: bool = False,
+) -> StateDict:
+    """Iso-C: per block matrix, M = Σ Δi = U S Vᵀ → mean(S)·U Vᵀ. Other tensors: mean of Δi."""
+
+    def iso(mats: list[Tensor]) -> Tensor:
+        u, s, vh = torch.linalg.svd(sum(mats), full_matrices=False)
+        return s.mean() * (u @ vh)
+
+    return _spectral_merge(_as_list(task_vectors), iso, layer_types, include_proj)
+
+
+@register("iso-cts", "Iso-CTS: common + task-specific subspaces, isotropic spectrum (Marczak et al. 2025)", _WIDE_ALPHA)
+def iso_cts(
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    common_fraction: float = 0.8,
+    layer_types: Iterable[str] = LAYER_TYPES,
+    include_proj: bool = False,
+) -> StateDict:
+    """Iso-CTS, per block matrix of rank r = min(m, n):
+
+    1. common subspace: the top k = ⌊common_fraction·r⌋ singular directions of M = Σ Δi;
+    2. each task adds its top s = ⌊(r − k)/N⌋ directions of Δi − Uc Ucᵀ Δi (orthogonal
+       to the common left subspace);
+    3. the concatenated U and V are orthogonalised (Procrustes), and every singular value is
+       set to the mean of the concatenated spectrum.
+    Other tensors: mean of Δi.
+    """
+    common_fraction = _check_fraction(common_fraction, "common_fraction")
+
+    def cts(mats: list[Tensor]) -> Tensor:
+        u, s, vh = torch.linalg.svd(sum(mats), full_matrices=False)
+        r = s.numel()
+        k = max(1, int(common_fraction * r))
+        per_task = (r - k) // len(mats)
+        us, ss, vs = [u[:, :k]], [s[:k]], [vh[:k].T]
+        if per_task > 0:
+            uc = u[:, :k]
+            for m in mats:
+                resid = m - uc @ (uc.T @ m)
+                ut, st, vht = torch.linalg.svd(resid, full_matrices=False)
+                us.append(ut[:, :per_task])
+                ss.append(st[:per_task])
+                vs.append(vht[:per_task].T)
+        big_u, big_s, big_v = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
+        return big_s.mean() * (_polar(big_u) @ _polar(big_v).T)
+
+    return _spectral_merge(_as_list(task_vectors), cts, layer_types, include_proj)
+
+
+@register("tsv", "TSV-M: per-task top singular triplets, orthogonalised and summed (Gargiulo et al. 2025)", _WIDE_ALPHA)
+def tsv_merge(
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    layer_types: Iterable[str] = LAYER_TYPES,
+    include_proj: bool = False,
+) -> StateDict:
+    """TSV-M, per block matrix of rank r: keep each task's top ⌊r/N⌋ singular triplets,
+    concatenate U, Σ, V, replace U and V by their closest orthonormal matrices (Procrustes,
+    X → P Qᵀ), rebuild U⊥ diag(Σ) V⊥ᵀ. Other tensors: mean of Δi."""
+
+    def tsv(mats: list[Tensor]) -> Tensor:
+        k = max(1, min(mats[0].shape) // len(mats))
+        us, ss, vs = [], [], []
+        for m in mats:
+            u, s, vh = torch.linalg.svd(m, full_matrices=False)
+            us.append(u[:, :k])
+            ss.append(s[:k])
+            vs.append(vh[:k].T)
+        big_u, big_s, big_v = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
+        return (_polar(big_u) * big_s.unsqueeze(0)) @ _polar(big_v).T
+
+    return _spectral_merge(_as_list(task_vectors), tsv, layer_types, include_proj)
+
+
+@register("ho-sb", "Higher-Order Subspace Boosting: HO-GSVD, Procrustes, boosted summed spectrum (paper Alg. 2)")
+def higher_order_sb(
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    beta: float = 0.0,
+    pi: float = 1e-2,
+    layer_types: Iterable[str] = LAYER_TYPES,
+    include_proj: bool = False,
+) -> StateDict:
+    """Paper Alg. 2; see :func:`subboost.hogsvd.higher_order_subspace_boost`."""
+    from subboost.hogsvd import higher_order_subspace_boost  # heavy module, loaded on use
+
+    return higher_order_subspace_boost(
+        _as_list(task_vectors), beta=beta, pi=pi, layer_types=layer_types, include_proj=include_proj
+    )
+
+
+# ---------------------------------------------------------------- one entry point
+
+
+def merge(
+    task_vectors: Sequence[Mapping[str, Tensor]] | Mapping[str, Mapping[str, Tensor]],
+    method: str = "ta",
+    *,
+    boost_beta: float | None = None,
+    boost_options: Mapping | None = None,
+    lines_b: float | None = None,
+    lines_a: float | None = None,
+    **params,
+) -> StateDict:
+    """Merge task vectors with a registered method, then optionally Subspace Boosting and LiNeS.
+
+    Order: method (masks included) → SB (``boost_beta`` not None; ``boost_options`` go to
+    :func:`subboost.boost.boost_task_vector`) → LiNeS (``lines_b`` not None). SB is positively
+    homogeneous, so applying LiNeS' per-layer scalars before or after it gives the same block
+    matrices. The merged model is then θ0 + α·Δm.
+    """
+    fn = get_method(method).fn
+    vectors = _as_list(task_vectors)
+    delta = fn(vectors, **params)
+    if boost_beta is not None:
+        delta = boost_task_vector(delta, boost_beta, **dict(boost_options or {}))
+    if lines_b is not None:
+        delta = lines_scale(delta, lines_b, a=lines_a, task_vectors=vectors)
+    return delta
