@@ -39,8 +39,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def boost_cutoff_index(singular_values: Tensor, beta: float = 0.0) -> int:
     """Alg. 1 lines 3-6: first index where cumsum(S)/sum(S) ≥ β (S descending).
 
-    Returns 0 for an all-zero spectrum. If rounding keeps the normalised cumulative sum
-    below β (possible only for β ≈ 1), the last index is returned.
+    Returns 0 for an all-zero spectrum. The comparison allows a few ulps of rounding, so
+    β = 1 selects the last nonzero singular value, as in exact arithmetic.
     """
     beta = _check_beta(beta)
     s = singular_values
@@ -48,7 +48,10 @@ def boost_cutoff_index(singular_values: Tensor, beta: float = 0.0) -> int:
     if total <= 0:
         return 0
     ratio = torch.cumsum(s, dim=0) / total
-    hits = torch.nonzero(ratio >= beta)
+    # a few ulps of slack so that exact-arithmetic boundaries (e.g. β = 1 on a rank-deficient
+    # matrix, whose ratio reaches 1 at the last nonzero value) do not depend on rounding
+    slack = 8 * torch.finfo(ratio.dtype).eps
+    hits = torch.nonzero(ratio >= beta - slack)
     return int(hits[0].item()) if hits.numel() else s.numel() - 1
 
 
