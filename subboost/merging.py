@@ -129,7 +129,8 @@ def ties_trim_thresholds(task_vectors: Sequence[Mapping[str, Tensor]], top_k: fl
     return thresholds
 
 
-@register("ties", "TIES: trim to top-k% per task, elect signs, disjoint mean (Yadav et al. 2023)")
+@register("ties", "TIES: trim to top-k% per task, elect signs, disjoint mean (Yadav et al. 2023)",
+          tuple(round(0.2 * i, 1) for i in range(1, 11)))
 def ties(task_vectors: Sequence[Mapping[str, Tensor]], top_k: float = 0.2) -> StateDict:
     """TIES-Merging.
 

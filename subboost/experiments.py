@@ -1,0 +1,203 @@
+"""Experiment drivers shared by the book's chapters (rank collapse, results tables, ablations).
+
+A *suite* is anything that provides the zoo's interface (:class:`Suite`): the mini zoo
+(:func:`subboost.zoo.load_suite`) and real checkpoints (:func:`subboost.release.load_suite`)
+both do, so every chapter runs on either. Following the papers, each merged model gets its
+α (and LiNeS' b) chosen on the validation splits of the merged tasks, then one evaluation on
+the test splits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Protocol, Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from subboost.merging import METHODS, get_method, merge
+from subboost.spectral import rank_table, spectra_table
+from subboost.taskvector import StateDict
+
+
+class Suite(Protocol):
+    """What the experiments need from a model suite (zoo or real checkpoints)."""
+
+    task_names: list[str]
+    base_state: StateDict
+
+    def task_vectors(self, tasks: Sequence[str]) -> dict[str, StateDict]: ...
+
+    def finetuned_accuracy(self, task: str) -> float: ...
+
+    def zeroshot_accuracy(self, task: str) -> float: ...
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a results table: a registered method, its parameters, ± SB, ± LiNeS."""
+
+    label: str
+    method: str = "ta"
+    params: Mapping = field(default_factory=dict)
+    boost_beta: float | None = None
+    boost_options: Mapping | None = None
+    lines_b_grid: tuple[float, ...] | None = None  # LiNeS on: b chosen on validation
+    alpha_grid: tuple[float, ...] | None = None  # default: the method's grid from the papers
+
+    def alphas(self) -> tuple[float, ...]:
+        return self.alpha_grid or get_method(self.method).alpha_grid
+
+
+LINES_B = (0.0, 0.5, 1.0)
+
+TABLE1_VARIANTS = (
+    Variant("TA", "ta"),
+    Variant("TA+SB", "ta", boost_beta=0.0),
+    Variant("TA+LiNeS", "ta", lines_b_grid=LINES_B),
+    Variant("TA+LiNeS+SB", "ta", boost_beta=0.0, lines_b_grid=LINES_B),
+    Variant("TIES", "ties", {"top_k": 0.2}),
+    Variant("TIES+SB", "ties", {"top_k": 0.2}, boost_beta=0.0),
+    Variant("Consensus", "consensus", {"k": 2, "lambdas": 0.4}),
+    Variant("Consensus+SB", "consensus", {"k": 2, "lambdas": 0.4}, boost_beta=0.0),
+)
+
+TABLE4_VARIANTS = (
+    Variant("TSV-M", "tsv"),
+    Variant("Iso-C", "iso-c"),
+    Variant("Iso-CTS", "iso-cts"),
+    Variant("HO-SB", "ho-sb", {"beta": 0.0}),
+)
+
+
+def task_subsets(suite: Suite, task_counts: Iterable[int]) -> dict[int, list[str]]:
+    """The first N tasks of the suite's fixed order, as in the paper's 8 / 14 / 20 benchmarks."""
+    subsets = {}
+    for n in task_counts:
+        n = int(n)
+        if not 2 <= n <= len(suite.task_names):
+            raise ValueError(f"task_counts: {n} is outside 2..{len(suite.task_names)} (tasks available)")
+        subsets[n] = list(suite.task_names[:n])
+    return subsets
+
+
+def reference_rows(suite: Suite, task_counts: Iterable[int]) -> pd.DataFrame:
+    """Zero-shot and fine-tuned mean accuracy (percent) on the first N tasks."""
+    rows = []
+    for n, tasks in task_subsets(suite, task_counts).items():
+        for label, fn in (("Zero-shot", suite.zeroshot_accuracy), ("Fine-tuned", suite.finetuned_accuracy)):
+            acc = [fn(t) for t in tasks]
+            zs = [fn(t) / suite.finetuned_accuracy(t) for t in tasks]
+            rows.append(dict(method=label, n_tasks=n, accuracy=100 * sum(acc) / n,
+                             normalized_accuracy=100 * sum(zs) / n, alpha=float("nan"), lines_b=float("nan"),
+                             merge_seconds=float("nan")))
+    return pd.DataFrame(rows)
+
+
+def merge_variant(vectors: Mapping[str, StateDict], variant: Variant, lines_b: float | None = None) -> tuple[StateDict, float]:
+    """Merge with a variant; returns Δm and the wall time of the merge in seconds."""
+    start = time.perf_counter()
+    delta = merge(vectors, variant.method, boost_beta=variant.boost_beta,
+                  boost_options=variant.boost_options, lines_b=lines_b, **dict(variant.params))
+    return delta, time.perf_counter() - start
+
+
+def evaluate_variant(suite: Suite, tasks: Sequence[str], variant: Variant,
+                     vectors: Mapping[str, StateDict] | None = None,
+                     alpha_grid: Sequence[float] | None = None) -> dict:
+    """Merge the tasks' experts with ``variant``, choose α (and LiNeS b) on validation, test once.
+
+    Returns a row: method, n_tasks, accuracy and normalized_accuracy (test, percent, mean over
+    tasks), alpha, alpha_at_edge (the chosen α is the grid's smallest or largest: widen the
+    grid), lines_b, merge_seconds, per_task (DataFrame of the test evaluation). ``alpha_grid``
+    overrides the variant's own grid.
+    """
+    from subboost.evaluate import tune_and_test
+
+    vectors = vectors if vectors is not None else suite.task_vectors(tasks)
+    alphas = tuple(alpha_grid) if alpha_grid is not None else variant.alphas()
+    best = None
+    for b in (variant.lines_b_grid or (None,)):
+        delta, seconds = merge_variant(vectors, variant, lines_b=b)
+        alpha, test_df, sweep_df = tune_and_test(suite, delta, tasks, alphas)
+        val_score = float(sweep_df.loc[sweep_df.alpha == alpha, "accuracy"].mean()) if "alpha" in sweep_df else 0.0
+        if best is None or val_score > best[0]:
+            best = (val_score, alpha, b, test_df, seconds)
+    _, alpha, b, test_df, seconds = best
+    return dict(method=variant.label, n_tasks=len(tasks), accuracy=100 * float(test_df.accuracy.mean()),
+                normalized_accuracy=100 * float(test_df.normalized_accuracy.mean()), alpha=alpha,
+                alpha_at_edge=len(alphas) > 1 and alpha in (min(alphas), max(alphas)), lines_b=float("nan") if b is None else b, merge_seconds=seconds, per_task=test_df)
+
+
+def results_table(suite: Suite, task_counts: Iterable[int], variants: Sequence[Variant] = TABLE1_VARIANTS,
+                  alpha_grid: Sequence[float] | None = None, progress: bool = True) -> pd.DataFrame:
+    """Long table (method, n_tasks, accuracy, normalized_accuracy, alpha, ...) for the variants,
+    plus zero-shot and fine-tuned reference rows."""
+    subsets = task_subsets(suite, task_counts)
+    rows = []
+    jobs = [(n, v) for n in subsets for v in variants]
+    cache: dict[int, dict] = {}
+    for n, variant in tqdm(jobs, desc="merge + evaluate", disable=not progress):
+        if n not in cache:
+            cache.clear()  # keep one set of task vectors in memory
+            cache[n] = suite.task_vectors(subsets[n])
+        row = evaluate_variant(suite, subsets[n], variant, cache[n], alpha_grid)
+        row.pop("per_task")
+        rows.append(row)
+    return pd.concat([reference_rows(suite, task_counts), pd.DataFrame(rows)], ignore_index=True)
+
+
+def pivot_results(long: pd.DataFrame, value: str = "accuracy") -> pd.DataFrame:
+    """Methods as rows, task counts as columns, in the order the methods first appear."""
+    order = list(dict.fromkeys(long.method))
+    wide = long.pivot(index="method", columns="n_tasks", values=value).reindex(order)
+    wide.columns = [f"ours {c}" for c in wide.columns]
+    return wide
+
+
+def rank_collapse_table(suite: Suite, task_counts: Iterable[int], method: str = "ta",
+                        boost_beta: float | None = None, fractions: Sequence[float] = (0.5, 0.3),
+                        **params) -> pd.DataFrame:
+    """Rank metrics of every block matrix of the merged task vector for each N (paper Fig. 2, 8, 9).
+
+    Rank metrics are scale-invariant, so α does not matter here.
+    """
+    frames = []
+    for n, tasks in task_subsets(suite, task_counts).items():
+        delta = merge(suite.task_vectors(tasks), method, boost_beta=boost_beta, **params)
+        df = rank_table(delta, fractions=fractions)
+        df.insert(0, "n_tasks", n)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def spectra_by_count(suite: Suite, task_counts: Iterable[int], keys: Sequence[str] | None = None,
+                     method: str = "ta", **params) -> pd.DataFrame:
+    """Singular value spectra of selected block matrices of the merged task vector for each N (Fig. 3)."""
+    frames = []
+    for n, tasks in task_subsets(suite, task_counts).items():
+        delta = merge(suite.task_vectors(tasks), method, **params)
+        if keys is not None:
+            delta = {k: delta[k] for k in keys}
+        df = spectra_table(delta)
+        df.insert(0, "n_tasks", n)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def iso_vs_sb_scale(delta: Mapping[str, torch.Tensor]) -> pd.DataFrame:
+    """Per block matrix of a merged task vector: SB(β=0) = S[0]·UVᵀ and Iso-C = mean(S)·UVᵀ share
+    UVᵀ and differ by the scalar S[0]/mean(S). Returns that ratio per matrix."""
+    spectra = spectra_table(delta)
+    g = spectra.groupby(["key", "stack", "layer", "sublayer", "layer_type"], sort=False).sigma
+    out = g.agg(sigma_max="max", sigma_mean="mean").reset_index()
+    out["sb_over_iso"] = out.sigma_max / out.sigma_mean
+    return out
+
+
+def available_methods() -> pd.DataFrame:
+    """The registered merging methods with their summaries and α grids."""
+    return pd.DataFrame([dict(name=m.name, summary=m.summary, alpha_grid=f"{min(m.alpha_grid)}..{max(m.alpha_grid)}")
+                         for m in METHODS.values()])

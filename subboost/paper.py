@@ -1,0 +1,71 @@
+"""The paper's own reported numbers, for side-by-side tables. Always labelled as the paper's.
+
+Source: *Subspace-Boosted Model Merging* (Skorobogat, Roth, Georgescu), as transcribed in the
+project's REFERENCE.md and the paper text. Absolute top-1 accuracy in percent unless noted.
+These are quoted, never computed here.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+TASK_COUNTS = (8, 14, 20)
+
+# Task order of the paper's benchmarks (first 8 / 14 / 20).
+PAPER_TASKS = (
+    "Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SVHN", "SUN397",
+    "STL10", "OxfordIIITPet", "Flowers102", "CIFAR100", "PCAM", "FER2013",
+    "CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "EMNIST", "KMNIST",
+)
+
+# Table 1 (ViT-B/32), 8 / 14 / 20 tasks.
+TABLE1_VIT_B32 = {
+    "Zero-shot": (48.3, 57.3, 56.1),
+    "Fine-tuned": (90.5, 89.5, 90.4),
+    "TA": (69.7, 65.0, 60.3),
+    "TA+SB": (83.1, 75.8, 66.4),
+    "TA+LiNeS+SB": (85.6, 80.8, 77.2),
+    "TIES": (73.6, 67.6, 63.1),
+    "TIES+SB": (81.8, 74.4, 69.8),
+    "Consensus": (74.5, 70.1, 65.3),
+    "Consensus+SB": (82.7, 77.1, 73.2),
+}
+
+# Table 4 (ViT-B/32), comparison to the state of the art.
+TABLE4_VIT_B32 = {
+    "TSV-M": (83.8, 79.5, 76.7),
+    "Iso-C": (83.8, 79.1, 74.7),
+    "Iso-CTS": (83.8, 80.2, 77.3),
+    "TA+LiNeS+SB": (85.6, 81.7, 77.6),
+}
+
+# Table 7: β ablation for TA + SB, ViT-B/32, 8 / 14 / 20 tasks.
+TABLE7_VIT_B32 = {0.00: (83.1, 75.8, 63.7), 0.01: (82.6, 75.3, 63.2), 0.02: (82.0, 75.2, 66.4)}
+
+# Table 3 (ViT-B/16, 8 tasks, TA + SB): (a) β, (b) layer types.
+TABLE3_BETA = {0.00: 87.7, 0.01: 87.4, 0.02: 87.2}
+TABLE3_LAYERS = {"mlp": 86.5, "attn": 83.9, "both": 87.7}
+
+# Table 2 (T5): 8 QA tasks / 7 NLP tasks.
+TABLE2_T5 = {
+    "Zero-shot": (33.1, 44.9), "Fine-tuned": (80.7, 85.9), "TA": (63.8, 71.9), "TIES": (63.0, 71.6),
+    "Consensus": (68.6, 73.5), "TA+LiNeS": (67.6, 76.4), "SB": (75.3, 83.0),
+}
+
+# Table 5: expert selection (pool / external accuracy); Table 10: 8 of 20 evaluated on 20.
+TABLE5 = {"Random": (72.9, 47.6), "HO-GSVD": (75.7, 47.6)}
+TABLE10 = {"Random": 67.5, "Random (std)": 2.3, "HO-GSVD": 69.7}
+
+# Table 6: seconds to merge 20 tasks (ViT-B/32, B/16, L/14), on the authors' GPUs.
+TABLE6_SECONDS = {
+    "TA": (0.2, 0.28, 1.0), "Consensus": (1.8, 2.4, 20.2), "TIES": (6.3, 4.3, 25.6),
+    "SB": (9.7, 10.5, 40.1), "TSV-M": (62.0, 63.0, 210.0),
+}
+
+
+def paper_table(table: dict, columns=TASK_COUNTS, label: str = "paper") -> pd.DataFrame:
+    """A paper table as a DataFrame whose column names say they are the paper's."""
+    df = pd.DataFrame(table).T
+    df.columns = [f"{label} {c}" for c in columns][: df.shape[1]]
+    df.index.name = "method"
+    return df
