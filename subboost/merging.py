@@ -385,6 +385,24 @@ def higher_order_sb(
     )
 
 
+@register("esm", "Essential Subspace Merging: per-task PCA of feature shifts, projection, polarised scaling (Li et al. 2026)", _WIDE_ALPHA)
+def essential_subspace(
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    activations: Sequence[Mapping[str, Tensor]] | None = None,
+    **params,
+) -> StateDict:
+    """ESM, reimplemented from its abstract; see :func:`subboost.esm.essential_subspace_merge`.
+
+    ``activations[i][key]`` holds inputs x (samples × in_features) of block matrix ``key`` on
+    unlabelled data of task i, in the order of ``task_vectors``.
+    """
+    from subboost.esm import essential_subspace_merge  # loaded on use
+
+    if activations is None:
+        raise ValueError("esm needs activations: per task, the inputs of each block matrix (see subboost.esm)")
+    return essential_subspace_merge(_as_list(task_vectors), activations=activations, **params)
+
+
 # ---------------------------------------------------------------- one entry point
 
 
