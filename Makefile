@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PROFILE ?= ci
 DEVICE  ?= auto
 
-.PHONY: venv test test-fast book book-build clean
+.PHONY: venv test test-fast book book-execute book-build clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ test-fast: $(STAMP)
 
 book: $(STAMP)
 	$(BIN)/python -m subboost.book all --profile $(PROFILE) --device $(DEVICE)
+
+# the two halves of `book`: execute the chapters (papermill), render the executed notebooks
+book-execute: $(STAMP)
+	$(BIN)/python -m subboost.book execute --profile $(PROFILE) --device $(DEVICE)
+
+book-build: $(STAMP)
+	$(BIN)/python -m subboost.book build
 
 clean:
 	rm -rf _build book/_build
