@@ -20,8 +20,8 @@ as in the paper (the first 4 / 8 / 14 / 20 tasks).
 
 Where this differs from the paper: the paper's noise is only approximately orthogonal
 ("due to its random nature"); ours is exactly orthogonal. Unique parts of a chosen rank are
-orthogonalised after drawing, which adds tiny full-rank corrections of relative size about
-1/√(mn).
+orthogonalised after drawing, which adds small full-rank corrections of relative size about
+√(K/(mn)) for K = r² + 2N orthogonalised directions.
 
 Every function is pure (explicit seeds, no module state) and returns tensors or tidy
 :class:`pandas.DataFrame` tables for plotting.

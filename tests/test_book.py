@@ -1,0 +1,287 @@
+"""The book runner: parameter validation, failure reports, the chapters' contract, and (slow)
+executing every chapter with the smoke profile, building the site and checking every page in
+headless Chromium (figures and typeset math)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from subboost import book
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ------------------------------------------------------------------ parameters (fast)
+
+
+@pytest.mark.parametrize("params, name", [
+    (dict(profile="huge"), "profile"),
+    (dict(device="tpu"), "device"),
+    (dict(seed=-1), "seed"),
+    (dict(seed=1.5), "seed"),
+    (dict(task_counts=[]), "task_counts"),
+    (dict(task_counts=[4, 4]), "task_counts"),
+    (dict(task_counts=[0, 4]), "task_counts"),
+    (dict(task_counts="4,8"), "task_counts"),
+    (dict(sweep_task_counts=[]), "sweep_task_counts"),
+    (dict(betas=[0.0, 1.5]), "betas"),
+    (dict(betas=[-0.1]), "betas"),
+    (dict(betas=None), "betas"),
+    (dict(alpha_grid=[0.0]), "alpha_grid"),
+    (dict(alpha_grid=[float("nan")]), "alpha_grid"),
+    (dict(gammas=[-1]), "gammas"),
+    (dict(checkpoint_root="/no/such/folder"), "checkpoint_root"),
+    (dict(model=""), "model"),
+])
+def test_bad_parameter_fails_naming_it(params, name):
+    with pytest.raises(book.ParameterError, match=f"parameter '{name}'"):
+        book.validate_parameters(**params)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu_fails_naming_device():
+    with pytest.raises(book.ParameterError, match="parameter 'device'.*CUDA"):
+        book.validate_parameters(device="cuda")
+
+
+def test_good_parameters_are_normalised(tmp_path):
+    p = book.validate_parameters(profile="ci", device="cpu", seed=3, output_dir=str(tmp_path / "o"),
+                                 task_counts=[20, 4, 8], betas=[0, 0.5], alpha_grid=[1],
+                                 sweep_task_counts=None, extra="kept")
+    assert p["task_counts"] == [4, 8, 20] and p["betas"] == [0.0, 0.5] and p["alpha_grid"] == [1.0]
+    assert p["device"] == "cpu" and p["device_requested"] == "cpu" and p["extra"] == "kept"
+    assert p["output_dir"].is_dir() and p["sweep_task_counts"] is None
+    assert book.validate_parameters(device="auto")["device"] in ("cpu", "cuda")
+
+
+def test_cli_rejects_bad_values_before_starting_a_kernel(capsys):
+    t0 = time.perf_counter()
+    assert book.main(["execute", "--profile", "smoke", "--chapters", "02", "--param", "betas=[0.5, 2]"]) == 2
+    assert "parameter 'betas'" in capsys.readouterr().err
+    assert book.main(["execute", "--profile", "smoke", "--param", "task_counts=[]"]) == 2
+    assert "parameter 'task_counts'" in capsys.readouterr().err
+    assert book.main(["execute", "--profile", "smoke", "--chapters", "02", "--param", "no_such=1"]) == 1
+    assert "parameter 'no_such' is not declared" in capsys.readouterr().err
+    assert book.main(["execute", "--chapters", "99"]) == 1
+    assert "no chapter matches '99'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        book.main(["execute", "--profile", "huge"])
+    assert "--profile" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 20
+
+
+def test_parse_param_reads_yaml():
+    assert book.parse_param("task_counts=[4, 8]") == ("task_counts", [4, 8])
+    assert book.parse_param("betas=[0.0,0.02]") == ("betas", [0.0, 0.02])
+    assert book.parse_param("checkpoint_root=null") == ("checkpoint_root", None)
+    assert book.parse_param("model=ViT-B-32") == ("model", "ViT-B-32")
+    with pytest.raises(book.BookError):
+        book.parse_param("novalue")
+
+
+def test_provenance_line(tmp_path):
+    p = book.provenance("smoke", "cpu", time.time() - 2.0)
+    text = p._repr_markdown_()
+    assert "profile `smoke`" in text and "device `cpu`" in text and "wall time" in text
+    assert p.wall_time_s >= 2.0 and re.fullmatch(r"[0-9a-f]{12}|unknown", p.commit)
+
+
+# ------------------------------------------------------------------ chapters' contract (fast)
+
+
+def test_every_chapter_follows_the_template():
+    chapters = book.discover_chapters()
+    assert [c.name[:2] for c in chapters] == ["01", "02", "03", "04"]
+    toc = (ROOT / "_toc.yml").read_text()
+    for ch in chapters:
+        nb = book.load_chapter(ch)
+        declared = book.declared_parameters(nb, ch.name)
+        assert set(book.REQUIRED_PARAMETERS) <= set(declared), ch.name
+        idx = book.parameters_cell_index(nb, ch.name)
+        code = [c.source for c in nb.cells if c.cell_type == "code"]
+        after = [c.source for c in nb.cells[idx + 1:] if c.cell_type == "code"]
+        assert "validate_parameters(" in after[0], f"{ch.name}: validate right after the parameters cell"
+        assert "provenance(" in code[-1], f"{ch.name}: the last code cell shows the provenance"
+        assert f"notebooks/{ch.name}" in toc
+
+
+# ------------------------------------------------------------------ a failing cell (fast-ish)
+
+FAILING = """\
+---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+kernelspec:
+  display_name: Python 3
+  language: python
+  name: python3
+---
+
+# A chapter that fails
+
+```{code-cell} ipython3
+:tags: [parameters]
+
+profile = "ci"
+device = "auto"
+seed = 0
+output_dir = None
+```
+
+```{code-cell} ipython3
+x = 1
+```
+
+```{code-cell} ipython3
+y = x / 0
+```
+"""
+
+
+def test_failing_cell_gives_nonzero_exit_and_readable_report(tmp_path, capsys):
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    (nbdir / "01_fails.md").write_text(FAILING)
+    out = tmp_path / "executed"
+    code = book.main(["execute", "--profile", "smoke", "--device", "cpu", "--notebooks-dir", str(nbdir),
+                      "--executed-dir", str(out)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "01_fails" in err and "ZeroDivisionError" in err
+    report = (out / book.REPORT_NAME).read_text()
+    assert "Chapter 01_fails FAILED" in report
+    assert "y = x / 0" in report and "ZeroDivisionError" in report
+    assert f"line {FAILING.splitlines().index('y = x / 0') + 1} of 01_fails.md" in report
+    assert "\x1b[" not in report  # no terminal colour codes
+    assert (out / "01_fails.failed.ipynb").exists() and not (out / "01_fails.ipynb").exists()
+    assert json.loads((out / book.MANIFEST_NAME).read_text())["01_fails"]["status"] == "failed"
+    with pytest.raises(book.BookError, match="no executed notebook"):
+        book.stage_site(executed_dir=out, stage_dir=tmp_path / "stage")
+
+
+# ------------------------------------------------------------------ the whole book (slow)
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--hide-scrollbars"]
+
+
+def _chrome(binary: str, *args: str) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run([binary, *CHROME_FLAGS, f"--user-data-dir={profile}", *args],
+                              capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def built_book(tmp_path_factory):
+    """Execute every chapter (smoke profile, CPU) and build the site, in a temporary folder."""
+    base = tmp_path_factory.mktemp("book")
+    executed, stage, site = base / "executed", base / "stage", base / "html"
+    t0 = time.perf_counter()
+    runs = book.execute_book(profile="smoke", device="cpu", executed_dir=executed)
+    t1 = time.perf_counter()
+    book.build_site(executed_dir=executed, stage_dir=stage, site_dir=site)
+    t2 = time.perf_counter()
+    return dict(executed=executed, site=site, runs=runs, execute_s=t1 - t0, build_s=t2 - t1)
+
+
+def _image_outputs(nb) -> int:
+    return sum(1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+               if "image/png" in o.get("data", {}))
+
+
+def _has_math(nb) -> bool:
+    md = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    md += "\n".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code"
+                    for o in c.get("outputs", []))
+    return bool(re.search(r"\$[^$]+\$", md))
+
+
+@pytest.mark.slow
+def test_chapters_execute_with_provenance(built_book):
+    assert [r.status for r in built_book["runs"]] == ["ok"] * len(built_book["runs"])
+    for r in built_book["runs"]:
+        nb = nbformat.read(r.notebook, as_version=4)
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+        assert not [o for o in outputs if o.get("output_type") == "error"]
+        last = [c for c in nb.cells if c.cell_type == "code"][-1]
+        md = "".join(o.get("data", {}).get("text/markdown", "") for o in last.outputs)
+        assert "Provenance" in md and "profile `smoke`" in md and "device `cpu`" in md
+    ch2 = nbformat.read(built_book["executed"] / "02_propositions.ipynb", as_version=4)
+    assert _image_outputs(ch2) >= 8
+    assert (built_book["executed"] / "02_propositions" / "prop1_decay.png").is_file()
+    summary = (built_book["executed"] / "02_propositions" / "summary.csv").read_text()
+    assert "Prop. 4" in summary
+
+
+@pytest.mark.slow
+def test_site_offers_downloads_and_offline_math(built_book):
+    site = built_book["site"]
+    toc_files = book._toc_files(ROOT / "_toc.yml")
+    for entry in toc_files:
+        assert (site / f"{entry}.html").is_file(), entry
+    assert (site / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    for ch in book.discover_chapters():
+        html = (site / "notebooks" / f"{ch.name}.html").read_text()
+        assert f"_sources/notebooks/{ch.name}.ipynb" in html  # the download button
+        assert "cdn.jsdelivr.net" not in html and "mathjax@" not in html  # no CDN
+        src = nbformat.read(site / "_sources" / "notebooks" / f"{ch.name}.ipynb", as_version=4)
+        if _has_math(src):
+            assert "_static/mathjax/tex-chtml.js" in html, f"{ch.name}: MathJax is not the offline copy"
+        assert any(c.get("outputs") for c in src.cells if c.cell_type == "code")  # executed, not the source
+
+
+@pytest.mark.slow
+def test_every_page_renders_figures_and_math_in_chromium(built_book, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium); the site itself was built")
+    site = built_book["site"]
+    redirect = book.first_chapter_page(site)
+    assert redirect.is_file()
+    pages = [(e, site / f"{e}.html") for e in book._toc_files(ROOT / "_toc.yml")]
+    for entry, page in pages:
+        proc = _chrome(binary, "--virtual-time-budget=20000", "--dump-dom", page.as_uri())
+        dom = proc.stdout
+        assert "<h1" in dom, f"{entry}: no page rendered ({proc.stderr[-500:]})"
+        assert "<mjx-merror" not in dom and "Math input error" not in dom, f"{entry}: MathJax error"
+        name = Path(entry).name
+        executed = built_book["executed"] / f"{name}.ipynb"
+        if executed.exists():
+            nb = nbformat.read(executed, as_version=4)
+            n_img = _image_outputs(nb)
+            imgs = re.findall(r'<img[^>]+src="\.\./_images/[^"]+\.png"', dom)
+            assert len(imgs) >= n_img, f"{entry}: {len(imgs)} figures in the page, {n_img} in the notebook"
+            if _has_math(nb):
+                assert dom.count("<mjx-container") > 0, f"{entry}: math not typeset"
+        elif "$" in (ROOT / f"{entry}.md").read_text():
+            assert dom.count("<mjx-container") > 0, f"{entry}: math not typeset"
+        shot = tmp_path / f"{name}.png"
+        _chrome(binary, "--window-size=1280,2400", "--virtual-time-budget=20000", f"--screenshot={shot}", page.as_uri())
+        assert shot.is_file() and shot.stat().st_size > 20_000, f"{entry}: empty screenshot"
+        from PIL import Image
+
+        with Image.open(shot) as im:
+            lo, hi = im.convert("L").getextrema()
+        assert hi - lo > 100, f"{entry}: blank screenshot"
