@@ -1,0 +1,280 @@
+"""Building the mini zoo: profiles, the cache keyed by a config hash, and the build itself.
+
+A build writes, under ``{root}/{profile}-{hash}/``::
+
+    config.json                               the full ZooConfig (its hash names the folder)
+    tokenizer.json, model_configs/{model}.json
+    {model}/{Task0}Val/nonlinear_zeroshot.pt  the base (+ .safetensors), as the releases' MNISTVal one
+    {model}/{Task}Val/nonlinear_finetuned.pt  one expert per task (+ .safetensors)
+    {model}/head_{Task}Val.pt                 zero-shot heads, {"weight": (C, D)} (+ .safetensors)
+    {model}/nonlinear_ft_accuracies.json      fine-tuned top-1, keys Task (test) and TaskVal (val)
+    {model}/zeroshot_accuracies.json          zero-shot top-1, same keys
+    data/{Task}/{val,test}.pt                 evaluation splits (uint8 images, labels, classnames)
+    build.json                                timings and summary; written last (the "done" mark)
+
+A build with the same config finds ``build.json`` and does nothing. An interrupted build
+resumes: finished pieces (base, each expert) are kept, and since every piece is trained from
+its own seed, the result is the same as an uninterrupted build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from subboost.checkpoints import atomic_path, load_state_dict, save_state_dict
+from subboost.evaluate import resolve_device
+from subboost.zoo import tasks as T
+from subboost.zoo.model import WordTokenizer, build_head, create_model, model_config
+from subboost.zoo.train import finetune, predict, pretrain, torch_settings
+
+ZOO_FORMAT = 1  # bump when the generated data or the training code change the results
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """Everything that determines a zoo (its hash names the cache folder)."""
+
+    profile: str = "ci"
+    seed: int = 0
+    tasks: tuple[str, ...] = T.TASK_NAMES
+    # model
+    image_size: int = 32
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 4
+    head_width: int = 32
+    embed_dim: int = 128
+    text_width: int = 128
+    text_layers: int = 3
+    context_length: int = 24
+    # pretraining (contrastive, captions)
+    pretrain_steps: int = 1000
+    pretrain_batch: int = 128
+    pretrain_lr: float = 1e-3
+    pretrain_warmup: int = 100
+    # experts (image tower, head frozen)
+    finetune_steps: int = 150
+    finetune_batch: int = 64
+    finetune_lr: float = 5e-4
+    finetune_warmup: int = 15
+    weight_decay: float = 0.1
+    # data
+    n_train: int = 4096
+    n_val: int = 200
+    n_test: int = 400
+    format: int = ZOO_FORMAT
+
+    @property
+    def model_name(self) -> str:
+        """open_clip config name of the zoo's architecture."""
+        return f"ZooViT-W{self.width}-L{self.layers}-P{self.patch_size}-I{self.image_size}"
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["tasks"] = list(self.tasks)
+        return d
+
+    def digest(self) -> str:
+        """Short SHA-256 of the config (its JSON with sorted keys)."""
+        text = json.dumps(self.to_json(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def dirname(self) -> str:
+        return f"{self.profile}-{self.digest()}"
+
+
+PROFILES: dict[str, ZooConfig] = {
+    # 3 tasks, a very small model: for tests (< 60 s on 2 CPU cores)
+    "smoke": ZooConfig(profile="smoke", tasks=T.TASK_NAMES[:3], width=64, layers=2, head_width=32, embed_dim=64,
+                       text_width=64, text_layers=1, pretrain_steps=60, pretrain_batch=64, pretrain_warmup=10,
+                       finetune_steps=25, finetune_batch=32, finetune_warmup=5, n_train=512, n_val=48, n_test=64),
+    # all 20 tasks, ≤ 10 min on 2 CPU cores
+    "ci": ZooConfig(profile="ci"),
+    # a larger model trained longer (meant for a GPU; also runs on CPU, slowly)
+    "full": ZooConfig(profile="full", image_size=48, patch_size=8, width=256, layers=8, head_width=64, embed_dim=256,
+                      text_width=256, text_layers=4, pretrain_steps=6000, pretrain_batch=256, pretrain_lr=5e-4,
+                      pretrain_warmup=300, finetune_steps=600, finetune_batch=128, finetune_lr=2e-4,
+                      finetune_warmup=50, n_train=16384, n_val=500, n_test=1000),
+}
+
+
+def get_config(profile: str | ZooConfig, **overrides) -> ZooConfig:
+    """A profile's config (``smoke``, ``ci``, ``full``) with optional field overrides."""
+    if isinstance(profile, ZooConfig):
+        cfg = profile
+    else:
+        if profile not in PROFILES:
+            raise ValueError(f"unknown zoo profile '{profile}'; known: {', '.join(PROFILES)}")
+        cfg = PROFILES[profile]
+    if "tasks" in overrides:
+        overrides["tasks"] = tuple(overrides["tasks"])
+        for t in overrides["tasks"]:
+            T.get_task(t)
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def default_root() -> Path:
+    """``$SUBBOOST_ZOO_ROOT`` if set, else ``zoo_cache/`` in the repository root (git-ignored)."""
+    env = os.environ.get("SUBBOOST_ZOO_ROOT")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "zoo_cache"
+
+
+def zoo_dir(config: ZooConfig, root: str | Path | None = None) -> Path:
+    """The cache folder of a config: ``{root}/{profile}-{hash}``."""
+    return Path(root if root is not None else default_root()) / config.dirname()
+
+
+def is_built(config: ZooConfig, root: str | Path | None = None) -> bool:
+    return (zoo_dir(config, root) / "build.json").is_file()
+
+
+def _write_json(path: Path, data: object) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _save_both(state: dict, pt_path: Path) -> None:
+    save_state_dict(state, pt_path)
+    save_state_dict(state, pt_path.with_suffix(".safetensors"))
+
+
+def tokenizer_for(config: ZooConfig) -> WordTokenizer:
+    """The zoo's word-level tokenizer (vocabulary of all task prompts and captions)."""
+    return WordTokenizer(tuple(T.vocabulary()), config.context_length)
+
+
+def architecture(config: ZooConfig) -> dict:
+    """The open_clip model config of the zoo's CLIP."""
+    return model_config(vocab_size=tokenizer_for(config).vocab_size, image_size=config.image_size,
+                        patch_size=config.patch_size, width=config.width, layers=config.layers,
+                        head_width=config.head_width, embed_dim=config.embed_dim, text_width=config.text_width,
+                        text_layers=config.text_layers, context_length=config.context_length)
+
+
+def register(config: ZooConfig, directory: Path) -> str:
+    """Register the zoo's architecture with open_clip (idempotent); returns its name."""
+    from subboost.zoo.model import register_model_config
+
+    register_model_config(config.model_name, architecture(config), directory / "model_configs")
+    return config.model_name
+
+
+def build(
+    profile: str | ZooConfig = "ci",
+    root: str | Path | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Build (or find) a zoo and return its folder.
+
+    ``threads`` sets torch's CPU threads during the build (default: torch's own choice, one
+    per core; the ``ci`` budget was measured with 2). ``log`` receives one line per finished piece
+    (the CLI prints them); the library itself prints nothing.
+    """
+    config = get_config(profile)
+    out = zoo_dir(config, root)
+    if (out / "build.json").is_file():
+        return out
+    dev = resolve_device(device)
+    say = log or (lambda _msg: None)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", config.to_json())
+    tok = tokenizer_for(config)
+    _write_json(out / "tokenizer.json", tok.to_json())
+    name = register(config, out)
+    mdir = out / name
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    with torch_settings(threads):
+        # ---- base
+        base_file = mdir / f"{config.tasks[0]}Val" / "nonlinear_zeroshot.pt"
+        model = create_model(name, architecture(config), out / "model_configs", seed=config.seed)
+        if base_file.is_file():
+            model.load_state_dict(load_state_dict(base_file))
+            say(f"base: found {base_file}")
+        else:
+            t0 = time.perf_counter()
+            losses = pretrain(model, tok, steps=config.pretrain_steps, batch_size=config.pretrain_batch,
+                              lr=config.pretrain_lr, weight_decay=config.weight_decay,
+                              warmup=config.pretrain_warmup, image_size=config.image_size, seed=config.seed,
+                              device=dev, progress=progress)
+            model.to("cpu")
+            _save_both(model.state_dict(), base_file)
+            timings["pretrain_s"] = time.perf_counter() - t0
+            _write_json(mdir / "pretrain_loss.json", {"loss": losses})
+            say(f"base: pretrained {config.pretrain_steps} steps in {timings['pretrain_s']:.0f}s, "
+                f"loss {sum(losses[:10]) / 10:.3f} -> {sum(losses[-10:]) / 10:.3f}")
+        model.to("cpu").eval()
+        ft_acc: dict[str, float] = {}
+        zs_acc: dict[str, float] = {}
+        t0 = time.perf_counter()
+        bar = tqdm(list(enumerate(config.tasks)), desc="experts", disable=not progress)
+        for i, task in bar:
+            bar.set_postfix(task=task)
+            spec = T.get_task(task)
+            head_file = mdir / f"head_{task}Val.pt"
+            head = build_head(model, tok, spec.classnames, spec.templates)
+            _save_both({"weight": head}, head_file)
+            data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            for split, n in (("val", config.n_val), ("test", config.n_test)):
+                from subboost.release import save_task_data
+
+                data[split] = T.generate(task, n, split, config.seed, config.image_size)
+                save_task_data(out / "data", task, split, *data[split], classnames=spec.classnames)
+            expert_file = mdir / f"{task}Val" / "nonlinear_finetuned.pt"
+            acc_file = mdir / f"{task}Val" / "accuracy.json"
+            if expert_file.is_file() and acc_file.is_file():
+                rec = json.loads(acc_file.read_text())
+            else:
+                t1 = time.perf_counter()
+                xtr, ytr = T.generate(task, config.n_train, "train", config.seed, config.image_size)
+                state = finetune(model, head, xtr, ytr, steps=config.finetune_steps, batch_size=config.finetune_batch,
+                                 lr=config.finetune_lr, weight_decay=config.weight_decay,
+                                 warmup=config.finetune_warmup, seed=config.seed * 1000 + T.TASK_NAMES.index(task),
+                                 device=dev, progress=progress, desc=task)
+                _save_both(state, expert_file)
+                expert = create_model(name, architecture(config), out / "model_configs")
+                expert.load_state_dict(state)
+                rec = {}
+                for split, (x, y) in data.items():
+                    key = task if split == "test" else f"{task}Val"
+                    rec[f"zeroshot:{key}"] = float((predict(model.visual, head, x) == y).float().mean())
+                    rec[f"finetuned:{key}"] = float((predict(expert.visual, head, x) == y).float().mean())
+                rec["seconds"] = time.perf_counter() - t1
+                _write_json(acc_file, rec)
+            for k, v in rec.items():
+                if k.startswith("zeroshot:"):
+                    zs_acc[k.split(":", 1)[1]] = v
+                elif k.startswith("finetuned:"):
+                    ft_acc[k.split(":", 1)[1]] = v
+            say(f"{task:14s} zero-shot {rec[f'zeroshot:{task}']:.3f}  fine-tuned {rec[f'finetuned:{task}']:.3f}"
+                f"  ({rec.get('seconds', 0):.0f}s)")
+        timings["experts_s"] = time.perf_counter() - t0
+    _write_json(mdir / "nonlinear_ft_accuracies.json", ft_acc)
+    _write_json(mdir / "zeroshot_accuracies.json", zs_acc)
+    timings["total_s"] = time.perf_counter() - start
+    n_params = {"visual": sum(v.numel() for k, v in model.state_dict().items() if k.startswith("visual.")),
+                "total": sum(v.numel() for v in model.state_dict().values())}
+    summary = {
+        "config": config.to_json(), "model": name, "timings": timings, "parameters": n_params,
+        "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "platform": platform.platform(),
+        "mean_zeroshot_test": sum(zs_acc[t] for t in config.tasks) / len(config.tasks),
+        "mean_finetuned_test": sum(ft_acc[t] for t in config.tasks) / len(config.tasks),
+    }
+    _write_json(out / "build.json", summary)
+    return out

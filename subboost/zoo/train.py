@@ -1,0 +1,185 @@
+"""Training loops of the zoo: contrastive pretraining of the tiny CLIP, per-task fine-tuning of
+the image tower with the zero-shot head frozen (as in the task-vector papers), accuracy.
+
+All randomness comes from explicit, seeded generators; :func:`torch_settings` fixes the
+thread count and turns on deterministic algorithms for the duration of a build and restores
+the previous settings afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from subboost.zoo.model import normalize_images
+from subboost.zoo.tasks import pretraining_batch
+
+
+@contextlib.contextmanager
+def torch_settings(threads: int | None = None, deterministic: bool = True) -> Iterator[None]:
+    """Set torch's intra-op thread count and deterministic algorithms; restore on exit."""
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        if threads:
+            torch.set_num_threads(int(threads))
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    # Rendering is many small tensor ops: one thread is faster than two, and far faster
+    # when other processes compete for the cores.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n and p.requires_grad]
+    rest = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n) and p.requires_grad]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to zero (the schedule of the task-vector papers)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) * base
+
+
+def pretrain(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.1,
+    warmup: int = 50,
+    image_size: int = 32,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> list[float]:
+    """Contrastive (CLIP) pretraining on :func:`~subboost.zoo.tasks.pretraining_batch` captions.
+
+    Symmetric InfoNCE over image and text embeddings, learnable temperature clamped at 100.
+    Returns the loss per step.
+    """
+    gen = torch.Generator().manual_seed(int(seed) * 7 + 1)
+    model.to(device).train()
+    opt = torch.optim.AdamW(_param_groups(list(model.named_parameters()), weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="pretrain", disable=not progress, leave=False)
+    for step in bar:
+        with _single_thread():
+            images, captions = pretraining_batch(batch_size, gen, size=image_size)
+            tokens = tokenizer(captions)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, warmup)
+        x = normalize_images(images).to(device)
+        img = model.encode_image(x, normalize=True)
+        txt = model.encode_text(tokens.to(device), normalize=True)
+        logits = model.logit_scale.exp() * img @ txt.T
+        target = torch.arange(len(captions), device=device)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss.detach()))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def finetune(
+    model: torch.nn.Module,
+    head: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.1,
+    warmup: int = 10,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "finetune",
+) -> dict[str, Tensor]:
+    """Fine-tune a copy of the image tower on one task with the head frozen.
+
+    Returns the expert's full CLIP state dict (text tower unchanged, so its task vector is
+    zero there, as in the public checkpoints).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    expert = copy.deepcopy(model).to(device)
+    for p in expert.parameters():
+        p.requires_grad_(False)
+    visual = expert.visual
+    for p in visual.parameters():
+        p.requires_grad_(True)
+    visual.train()
+    opt = torch.optim.AdamW(_param_groups(list(visual.named_parameters()), weight_decay), lr=lr)
+    w = head.to(device)
+    x_all = images
+    n = labels.numel()
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + batch_size]
+        pos += batch_size
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, warmup)
+        x = normalize_images(x_all[idx]).to(device)
+        y = labels[idx].to(device)
+        feats = visual(x)
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        loss = F.cross_entropy(feats @ w.T, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    expert.eval()
+    return {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()}
+
+
+@torch.no_grad()
+def predict(visual: torch.nn.Module, head: Tensor, images: Tensor, batch_size: int = 512,
+            device: str | torch.device = "cpu") -> Tensor:
+    """Predicted classes of uint8 (or normalised float) images with a zero-shot-style head."""
+    visual.eval()
+    w = head.to(device)
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        chunk = images[i:i + batch_size]
+        x = normalize_images(chunk) if chunk.dtype == torch.uint8 else chunk.float()
+        f = visual(x.to(device))
+        out.append((f @ w.T).argmax(dim=1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
