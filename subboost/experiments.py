@@ -122,7 +122,7 @@ def evaluate_variant(suite: Suite, tasks: Sequence[str], variant: Variant,
     for b in (variant.lines_b_grid or (None,)):
         delta, seconds = merge_variant(vectors, variant, lines_b=b)
         alpha, test_df, sweep_df = tune_and_test(suite, delta, tasks, alphas)
-        val_score = float(sweep_df.loc[sweep_df.alpha == alpha, "accuracy"].mean()) if "alpha" in sweep_df else 0.0
+        val_score = float(sweep_df.loc[sweep_df.alpha == alpha, "normalized_accuracy"].mean())
         if best is None or val_score > best[0]:
             best = (val_score, alpha, b, test_df, seconds)
     _, alpha, b, test_df, seconds = best
@@ -201,3 +201,61 @@ def available_methods() -> pd.DataFrame:
     """The registered merging methods with their summaries and α grids."""
     return pd.DataFrame([dict(name=m.name, summary=m.summary, alpha_grid=f"{min(m.alpha_grid)}..{max(m.alpha_grid)}")
                          for m in METHODS.values()])
+
+
+SMOKE_TASK_COUNTS = (2, 3)
+
+
+def load_suite_from_parameters(params: Mapping) -> Suite:
+    """The suite a chapter runs on: real checkpoints when ``checkpoint_root`` is set (with
+    ``model``, optional ``data_root`` and ``tasks``), otherwise the mini zoo of ``profile``
+    (built on first use under ``zoo_root``)."""
+    if params.get("checkpoint_root"):
+        from subboost.release import load_suite
+
+        return load_suite(params["checkpoint_root"], model=params.get("model") or "ViT-B-32",
+                          tasks=params.get("tasks"), data_root=params.get("data_root"),
+                          allow_pickle=bool(params.get("allow_pickle", False)), device=params.get("device", "auto"))
+    from subboost.zoo import load_suite
+
+    return load_suite(params.get("profile", "ci"), root=params.get("zoo_root"), device=params.get("device", "auto"))
+
+
+def task_counts_for(suite: Suite, task_counts: Sequence[int], profile: str) -> list[int]:
+    """The task counts a chapter uses: the smoke profile (3 tasks) always uses 2 and 3; other
+    profiles must fit the suite, else a ``ValueError`` names ``task_counts``."""
+    available = len(suite.task_names)
+    if profile == "smoke":
+        return [n for n in SMOKE_TASK_COUNTS if n <= available]
+    too_big = [int(n) for n in task_counts if int(n) > available]
+    if too_big:
+        raise ValueError(f"parameter 'task_counts': {too_big} exceed the {available} tasks of this suite")
+    return sorted(int(n) for n in task_counts)
+
+
+def method_rank_comparison(suite: Suite, n_tasks: int, variants: Sequence[Variant] = TABLE1_VARIANTS) -> pd.DataFrame:
+    """Rank metrics of the merged block matrices for each variant at one N (paper Fig. 1a, 6);
+    LiNeS variants are skipped (a per-layer scalar does not change any rank metric)."""
+    tasks = task_subsets(suite, [n_tasks])[n_tasks]
+    vectors = suite.task_vectors(tasks)
+    frames = []
+    for v in variants:
+        if v.lines_b_grid:
+            continue
+        delta, _ = merge_variant(vectors, v)
+        df = rank_table(delta)
+        df.insert(0, "variant", v.label)
+        df.insert(1, "method", v.label.split("+")[0])
+        df.insert(2, "boosted", v.boost_beta is not None)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def describe_trend(values: Mapping[int, float], what: str, unit: str = "") -> str:
+    """One sentence stating how a quantity moved with N, with the measured numbers."""
+    items = sorted(values.items())
+    (n0, v0), (n1, v1) = items[0], items[-1]
+    change = (v1 - v0) / abs(v0) if v0 else float("nan")
+    direction = "fell" if v1 < v0 else "rose" if v1 > v0 else "stayed flat"
+    series = ", ".join(f"N={n}: {v:.3g}{unit}" for n, v in items)
+    return f"{what} {direction} from {v0:.3g}{unit} at N={n0} to {v1:.3g}{unit} at N={n1} ({change:+.0%}); {series}."
