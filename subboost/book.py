@@ -467,10 +467,6 @@ def execute_chapter(
 
 
 def _check_overrides(chapters: Sequence[Chapter], overrides: Mapping[str, Any]) -> None:
-    reserved = [k for k in overrides if k in REQUIRED_PARAMETERS]
-    if reserved:
-        raise BookError(f"set {', '.join(reserved)} with the runner's own options (--profile, --device, --seed, "
-                        f"--executed-dir), not with --param")
     declared: set[str] = set()
     for ch in chapters:
         declared |= set(declared_parameters(load_chapter(ch), ch.name))
@@ -498,6 +494,10 @@ def execute_book(
     (:class:`ParameterError`). Raises :class:`BookError` after the first failed chapter (after
     all of them with ``keep_going``); the report names chapter, cell and traceback."""
     overrides = dict(overrides or {})
+    reserved = [k for k in overrides if k in REQUIRED_PARAMETERS]
+    if reserved:
+        raise BookError(f"set {', '.join(reserved)} with the runner's own options (--profile, --device, --seed, "
+                        f"--executed-dir), not with --param")
     validate_parameters(profile=profile, device=device, seed=seed, **overrides)
     selected = select_chapters(discover_chapters(notebooks_dir), chapters)
     if not selected:

@@ -279,7 +279,8 @@ def fig_prop4_grid(grid: pd.DataFrame, suppression: float) -> Any:
     fig.colorbar(im, ax=axes[0], label="gain $\\mathcal{L}_{TA} - \\mathcal{L}_{boost}$ [$\\sigma_\\beta^2$]")
     label_axes(axes[0], "signal directions $k_s$ [count]", "noise directions $d_{noise}$ [count]",
                "Measured gain (blue: boosting wins)")
-    axes[0].legend(loc="upper left", fontsize=8)
+    axes[0].grid(False)
+    axes[0].legend(loc="upper left", fontsize=8, frameon=True, facecolor="white", framealpha=0.9)
     ax = axes[1]
     ratio = grid.ratio.to_numpy()
     per_dir = (grid.gain / grid.d_noise).to_numpy()

@@ -72,6 +72,8 @@ def test_cli_rejects_bad_values_before_starting_a_kernel(capsys):
     assert "parameter 'task_counts'" in capsys.readouterr().err
     assert book.main(["execute", "--profile", "smoke", "--chapters", "02", "--param", "no_such=1"]) == 1
     assert "parameter 'no_such' is not declared" in capsys.readouterr().err
+    assert book.main(["execute", "--profile", "smoke", "--param", "profile=full"]) == 1
+    assert "--profile" in capsys.readouterr().err
     assert book.main(["execute", "--chapters", "99"]) == 1
     assert "no chapter matches '99'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
