@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, Protocol, Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
 from subboost.merging import METHODS, get_method, merge
 from subboost.spectral import rank_table, spectra_table
