@@ -259,3 +259,36 @@ def describe_trend(values: Mapping[int, float], what: str, unit: str = "") -> st
     direction = "fell" if v1 < v0 else "rose" if v1 > v0 else "stayed flat"
     series = ", ".join(f"N={n}: {v:.3g}{unit}" for n, v in items)
     return f"{what} {direction} from {v0:.3g}{unit} at N={n0} to {v1:.3g}{unit} at N={n1} ({change:+.0%}); {series}."
+
+
+def esm_activations(suite, tasks: Sequence[str], n_images: int = 64, max_samples: int = 512,
+                    seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Inputs of every visual block matrix on unlabelled validation images, per task, captured
+    from that task's expert (ESM's data requirement; labels are never used)."""
+    from subboost.esm import capture_block_inputs
+    from subboost.evaluate import normalize_batch
+    from subboost.taskvector import select_block_keys
+
+    keys = [k for k in select_block_keys(suite.base_state) if k.startswith("visual.")]
+    rel = [k[len("visual."):] for k in keys]
+    acts = []
+    for t in tasks:
+        visual = suite.load_visual(suite.expert_state(t))
+        images = suite.data(t, "val").images[:n_images]
+        batch = normalize_batch(images.to(suite.device))
+        got = capture_block_inputs(visual, rel, [batch], forward=lambda m, b: m(b),
+                                   max_samples=max_samples, seed=seed)
+        acts.append({"visual." + k: v.cpu() for k, v in got.items()})
+    return acts
+
+
+def ablation_table(suite: Suite, task_counts: Iterable[int], variants: Sequence[Variant],
+                   alpha_grid: Sequence[float] | None = None, progress: bool = True) -> pd.DataFrame:
+    """Like :func:`results_table` without the reference rows (for ablations)."""
+    long = results_table(suite, task_counts, variants, alpha_grid=alpha_grid, progress=progress)
+    return long[~long.method.isin(["Zero-shot", "Fine-tuned"])].reset_index(drop=True)
+
+
+def beside_paper(ours: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
+    """Our wide table next to the paper's (rows matched by method label; missing rows stay blank)."""
+    return ours.join(paper, how="left")
