@@ -206,6 +206,20 @@ def available_methods() -> pd.DataFrame:
 SMOKE_TASK_COUNTS = (2, 3)
 
 
+def configure_cpu_threads(params: Mapping) -> int:
+    """Use one intra-op thread for the mini zoo on the CPU; returns the thread count in force.
+
+    The zoo's matrices are tiny (≤ 256 wide): multi-threaded LAPACK and GEMM calls on them
+    cost more in synchronisation than they gain, and on a busy 2-core machine a 256×64 SVD
+    was measured at 0.2-0.8 s with 2 threads versus 0.5 ms with one. Real checkpoints and
+    GPUs keep torch's default. This sets torch's process-wide thread count, so notebooks call
+    it once, at the top.
+    """
+    if params.get("device", "cpu") == "cpu" and not params.get("checkpoint_root"):
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
 def load_suite_from_parameters(params: Mapping) -> Suite:
     """The suite a chapter runs on: real checkpoints when ``checkpoint_root`` is set (with
     ``model``, optional ``data_root`` and ``tasks``), otherwise the mini zoo of ``profile``
@@ -292,3 +306,15 @@ def ablation_table(suite: Suite, task_counts: Iterable[int], variants: Sequence[
 def beside_paper(ours: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
     """Our wide table next to the paper's (rows matched by method label; missing rows stay blank)."""
     return ours.join(paper, how="left")
+
+
+def time_merges(vectors: Mapping[str, StateDict], variants: Sequence[Variant], repeats: int = 3) -> pd.DataFrame:
+    """Median wall time (seconds) of each variant's merge over ``repeats`` runs, the variants
+    interleaved run by run so that a busy machine slows them alike (Table 6 analogue)."""
+    times: dict[str, list[float]] = {v.label: [] for v in variants}
+    for _ in range(max(1, int(repeats))):
+        for v in variants:
+            times[v.label].append(merge_variant(vectors, v, lines_b=(v.lines_b_grid or (None,))[0])[1])
+    out = pd.DataFrame({"method": list(times), "median_seconds": [float(pd.Series(t).median()) for t in times.values()],
+                        "min_seconds": [min(t) for t in times.values()]}).set_index("method")
+    return out
