@@ -461,6 +461,53 @@ def selection_vs_paper(run: SelectionRun, paper: Mapping[str, object], columns: 
     return pd.DataFrame(table)
 
 
+@dataclass(frozen=True)
+class RandomComparison:
+    """HO-GSVD selection against the random draws on one metric (percent)."""
+
+    metric: str
+    ho: float
+    random_mean: float
+    random_std: float
+    draws: int
+    beats: int
+
+    @property
+    def diff(self) -> float:
+        return self.ho - self.random_mean
+
+    @property
+    def stderr(self) -> float:
+        """Standard error of the random mean (NaN with fewer than 2 draws)."""
+        return self.random_std / math.sqrt(self.draws) if self.draws > 1 else float("nan")
+
+    @property
+    def beyond_noise(self) -> bool:
+        """|difference| > 2 standard errors of the random mean (False when that cannot be told:
+        one draw, or draws without spread)."""
+        return bool(self.draws > 1 and self.stderr > 0 and abs(self.diff) > 2 * self.stderr)
+
+    def sentence(self, what: str) -> str:
+        word = "above" if self.diff > 0 else "below" if self.diff < 0 else "equal to"
+        out = (f"on {what} HO-GSVD selection scores {self.ho:.1f} %, {abs(self.diff):.1f} points {word} the mean of "
+               f"{self.draws} random draws ({self.random_mean:.1f} %"
+               + (f" ± {self.random_std:.1f} std" if self.draws > 1 else "") + f") and beats {self.beats} of them")
+        if self.draws > 1 and not self.stderr > 0:
+            out += "; the random draws all scored the same, so their noise cannot be estimated"
+        elif self.draws > 1:
+            out += (f"; the difference is {'more' if self.beyond_noise else 'less'} than 2 standard errors of the random "
+                    f"mean ({2 * self.stderr:.1f} points)")
+        return out
+
+
+def compare_to_random(run: SelectionRun, metric: str) -> RandomComparison:
+    """:class:`RandomComparison` of a :func:`run_selection` outcome on ``metric`` (a rows column)."""
+    rnd = run.rows[run.rows.kind == "Random"][metric].astype(float)
+    ho = float(run.rows[run.rows.kind == "HO-GSVD"][metric].iloc[0])
+    std = float(rnd.std(ddof=1)) if len(rnd) > 1 else float("nan")
+    return RandomComparison(metric, ho, float(rnd.mean()), std, int(len(rnd)), int((ho > rnd).sum()))
+
+
 def alignment_predicts_accuracy(run: SelectionRun, metric: str) -> float:
     """Spearman ρ between the selection objective J and ``metric`` over all distinct merged sets."""
     rows = run.rows.drop_duplicates("chosen")
@@ -596,12 +643,15 @@ def fig_alignment_mean(result: AlignmentResult, title: str | None = None):
     return fig
 
 
-def fig_alignment_layers(result: AlignmentResult, keys: Sequence[str], ncols: int = 3):
+def fig_alignment_layers(result: AlignmentResult, keys: Sequence[str], ncols: int | None = None):
     """Fig. 13a-c: the alignment matrix of each given key (e.g. attn.out_proj of every block),
-    on one shared colour scale so that blocks compare."""
+    on one shared colour scale so that blocks compare. ``ncols`` defaults to 2 for more than 12
+    experts (readable task labels), else 3."""
     plt = _plt()
     keys = list(keys)
     n = len(result.names)
+    if ncols is None:
+        ncols = 2 if n > 12 else 3
     nrows = math.ceil(len(keys) / ncols)
     ncols = min(ncols, len(keys))
     panel = 2.4 + 0.16 * n

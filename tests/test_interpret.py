@@ -270,3 +270,24 @@ def test_merged_similarity():
     np.testing.assert_allclose(sim.spectral_ratio, 0.5, rtol=1e-6)
     neg = it.merged_similarity(a, {k: -v for k, v in a.items()}, keys)
     np.testing.assert_allclose(neg.cosine, -1.0, atol=1e-6)
+
+
+def test_compare_to_random_hand_computed():
+    rows = pd.DataFrame(dict(kind=["HO-GSVD", "Random", "Random", "Random", "Random"],
+                             chosen=["x", "a", "b", "c", "d"], score=[1.0, 0.1, 0.2, 0.3, 0.4],
+                             acc=[60.0, 50.0, 52.0, 54.0, 56.0]))
+    run = it.SelectionRun(protocol=None, selection=None, rows=rows, per_task=pd.DataFrame())
+    c = it.compare_to_random(run, "acc")
+    assert c.ho == 60.0 and c.random_mean == 53.0 and c.draws == 4 and c.beats == 4
+    assert c.random_std == pytest.approx(np.std([50, 52, 54, 56], ddof=1))
+    assert c.stderr == pytest.approx(c.random_std / 2) and c.diff == pytest.approx(7.0)
+    assert c.beyond_noise  # 7 > 2 · 1.29
+    assert "7.0 points above" in c.sentence("the pool") and "beats 4 of them" in c.sentence("the pool")
+    close = it.compare_to_random(it.SelectionRun(None, None, rows.assign(acc=[53.5, 50, 52, 54, 56]),
+                                                 pd.DataFrame()), "acc")
+    assert not close.beyond_noise and close.beats == 2
+    one = it.compare_to_random(it.SelectionRun(None, None, rows.iloc[:2], pd.DataFrame()), "acc")
+    assert one.draws == 1 and not one.beyond_noise and "std" not in one.sentence("x")
+    same = it.compare_to_random(it.SelectionRun(None, None, rows.assign(acc=[60.0, 50, 50, 50, 50]),
+                                                pd.DataFrame()), "acc")
+    assert not same.beyond_noise and "cannot be estimated" in same.sentence("x")
