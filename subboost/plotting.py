@@ -292,8 +292,11 @@ def fig_prop4_grid(grid: pd.DataFrame, suppression: float) -> Any:
     ax.axvline(1.0, color="k", ls="--", lw=1, label="Eq. 29 boundary r = 1")
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xscale("log")
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
+    ticks = [t for t in (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50) if ratio.min() <= t * 1.001 and t <= ratio.max() * 1.001]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a short log axis
     label_axes(ax, "$r = \\|\\Delta_{signal}\\|_F^2 / (d_{noise}\\,\\sigma_\\beta^2)$ [dimensionless]",
                "gain per noise direction [$\\sigma_\\beta^2$]", "The sign flips at r = 1")
