@@ -34,6 +34,16 @@ from subboost.taskvector import apply_task_vector, task_vectors
 # ----------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny LAPACK calls on a shared, oversubscribed 2-core machine stall on spinning BLAS
+    threads (0.5 s per 96 × 32 SVD); one thread keeps these tests fast. Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def clip_state_dict(width: int = 32, layers: int = 2, text_layers: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
     """A tiny CLIP state dict with open_clip's key names (visual and text towers)."""
     g = torch.Generator().manual_seed(seed)
