@@ -1,0 +1,131 @@
+"""Results tables on the language suite (the chapter's Table 2 analogue).
+
+:func:`evaluate_variant` and :func:`results_table` are those of :mod:`subboost.experiments`
+with one difference: the α tuning is the suite's own ``tune_and_test`` method when it has one
+(the language suite does), else :func:`subboost.evaluate.tune_and_test`. Merging, LiNeS' b
+selection on validation, the reference rows and the row format are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Mapping, Sequence
+
+import pandas as pd
+from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
+
+from subboost import experiments as ex
+from subboost.langzoo import tasks as T
+from subboost.taskvector import StateDict
+
+SMOKE_TASK_COUNTS = (2, 3)
+
+#: Table 2's rows; the paper's "Subspace Boosting (ours)" row is TA + LiNeS + SB (paper text).
+TABLE2_VARIANTS = (
+    ex.Variant("TA", "ta"),
+    ex.Variant("TIES", "ties", {"top_k": 0.2}),
+    ex.Variant("Consensus", "consensus", {"k": 2, "lambdas": 0.4}),
+    ex.Variant("TA+LiNeS", "ta", lines_b_grid=ex.LINES_B),
+    ex.Variant("TA+SB", "ta", boost_beta=0.0),
+    ex.Variant("TA+LiNeS+SB", "ta", boost_beta=0.0, lines_b_grid=ex.LINES_B),
+)
+PAPER_ROW_FOR = {"SB": "TA+LiNeS+SB"}  # TABLE2_T5 label -> our row
+
+
+def _tune(suite):
+    method = getattr(suite, "tune_and_test", None)
+    if callable(method):
+        return method
+    from subboost.evaluate import tune_and_test
+
+    return lambda delta, tasks, alphas: tune_and_test(suite, delta, tasks, alphas)
+
+
+def evaluate_variant(suite, tasks: Sequence[str], variant: ex.Variant,
+                     vectors: Mapping[str, StateDict] | None = None,
+                     alpha_grid: Sequence[float] | None = None) -> dict:
+    """:func:`subboost.experiments.evaluate_variant`, tuning α with the suite's own protocol."""
+    tune = _tune(suite)
+    vectors = vectors if vectors is not None else suite.task_vectors(tasks)
+    alphas = tuple(alpha_grid) if alpha_grid is not None else variant.alphas()
+    best = None
+    for b in (variant.lines_b_grid or (None,)):
+        delta, seconds = ex.merge_variant(vectors, variant, lines_b=b)
+        alpha, test_df, sweep_df = tune(delta, tasks, alphas)
+        val_score = float(sweep_df.loc[sweep_df.alpha == alpha, "normalized_accuracy"].mean())
+        if best is None or val_score > best[0]:
+            best = (val_score, alpha, b, test_df, seconds)
+    _, alpha, b, test_df, seconds = best
+    return dict(method=variant.label, n_tasks=len(tasks), accuracy=100 * float(test_df.accuracy.mean()),
+                normalized_accuracy=100 * float(test_df.normalized_accuracy.mean()), alpha=alpha,
+                alpha_at_edge=len(alphas) > 1 and alpha in (min(alphas), max(alphas)),
+                lines_b=float("nan") if b is None else b, merge_seconds=seconds, per_task=test_df)
+
+
+def results_table(suite, task_counts: Iterable[int], variants: Sequence[ex.Variant] = TABLE2_VARIANTS,
+                  alpha_grid: Sequence[float] | None = None, progress: bool = True,
+                  reference: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(long, per_task)``: the long results table (as :func:`subboost.experiments.results_table`,
+    with zero-shot and fine-tuned rows when ``reference``) and the per-task test accuracies
+    (fractions) of every merged model."""
+    subsets = ex.task_subsets(suite, task_counts)
+    rows, per_task = [], []
+    jobs = [(n, v) for n in subsets for v in variants]
+    cache: dict[int, dict] = {}
+    for n, variant in tqdm(jobs, desc="merge + evaluate", disable=not progress):
+        if n not in cache:
+            cache.clear()
+            cache[n] = suite.task_vectors(subsets[n])
+        row = evaluate_variant(suite, subsets[n], variant, cache[n], alpha_grid)
+        df = row.pop("per_task").assign(method=variant.label, n_tasks=n)
+        per_task.append(df)
+        rows.append(row)
+    long = pd.DataFrame(rows)
+    if reference:
+        long = pd.concat([ex.reference_rows(suite, task_counts), long], ignore_index=True)
+    return long, pd.concat(per_task, ignore_index=True)
+
+
+def task_counts_for(suite, task_counts: Sequence[int], profile: str) -> tuple[list[int], list[int]]:
+    """``(used, skipped)``: the smoke profile uses 2 and 3; other profiles use the requested
+    counts that fit the suite (the rest are returned as skipped, for the chapter to say so)."""
+    available = len(suite.task_names)
+    if profile == "smoke":
+        return [n for n in SMOKE_TASK_COUNTS if n <= available], []
+    used = sorted(int(n) for n in task_counts if 2 <= int(n) <= available)
+    skipped = sorted(int(n) for n in task_counts if not 2 <= int(n) <= available)
+    if not used:
+        raise ValueError(f"parameter 'task_counts': none of {list(task_counts)} fits the {available} tasks "
+                         f"of this suite (2..{available})")
+    return used, skipped
+
+
+def task_overview(suite, examples: int = 1) -> pd.DataFrame:
+    """Per task: classes, what decides the class, an example test sentence, chance, zero-shot
+    and fine-tuned test accuracy (percent)."""
+    rows = []
+    for t in suite.task_names:
+        spec = T.get_task(t)
+        data = suite.data(t, "test")
+        rows.append(dict(task=t, classes=", ".join(spec.classnames), decided_by=spec.summary,
+                         example=" | ".join(f"{data.texts[i]} → {spec.classnames[data.labels[i]]}"
+                                            for i in range(min(examples, len(data)))),
+                         chance=100 / spec.num_classes, zero_shot=100 * suite.zeroshot_accuracy(t),
+                         fine_tuned=100 * suite.finetuned_accuracy(t)))
+    return pd.DataFrame(rows).set_index("task")
+
+
+def build_costs(suite) -> pd.DataFrame:
+    """Per expert: fine-tuning seconds (training only, and with its evaluations), steps, seconds
+    per step, final training loss — read from the build records."""
+    cfg = suite.config
+    rows = []
+    for t in suite.task_names:
+        rec = json.loads((suite.folder / "experts" / f"{t}.json").read_text())
+        loss = rec.get("loss", [])
+        tail = loss[-10:] or [float("nan")]
+        rows.append(dict(task=t, train_seconds=rec.get("train_seconds", float("nan")),
+                         expert_seconds=rec.get("seconds", float("nan")), steps=cfg.steps,
+                         seconds_per_step=rec.get("train_seconds", float("nan")) / max(1, cfg.steps),
+                         final_loss=sum(tail) / len(tail)))
+    return pd.DataFrame(rows).set_index("task")
