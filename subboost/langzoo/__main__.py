@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     out = build(args.profile, root=args.root, device=args.device, threads=args.threads,
-                progress=not args.no_progress, log=lambda m: print(m, flush=True))
+                progress=not args.no_progress, step_progress=not args.no_progress,
+                log=lambda m: print(m, flush=True))
     summary = json.loads((out / "build.json").read_text())
     print(f"language zoo: {out}")
     print(f"mean zero-shot {summary['mean_zeroshot_test']:.3f}, mean fine-tuned {summary['mean_finetuned_test']:.3f}; "

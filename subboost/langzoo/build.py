@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
 from subboost.checkpoints import atomic_path, load_state_dict, save_state_dict
 from subboost.evaluate import resolve_device
@@ -46,7 +46,7 @@ from subboost.langzoo.model import (
 )
 from subboost.langzoo.train import block_state, finetune, predict
 
-LANGZOO_FORMAT = 1  # bump when the generated data or the training code change the results
+LANGZOO_FORMAT = 2  # bump when the generated data or the training code change the results
 DIR_PREFIX = "lang"
 
 
@@ -165,12 +165,15 @@ def build(
     threads: int | None = 1,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    step_progress: bool = False,
 ) -> Path:
     """Build (or find) a language zoo and return its folder.
 
     ``threads`` sets torch's CPU threads during the build and restores them after (default 1:
     on a busy 2-core machine one thread was the fastest; ``None`` keeps torch's setting).
-    ``log`` receives one line per finished piece (the CLI prints them); the library prints nothing.
+    ``progress`` shows one bar over the experts, ``step_progress`` one more per expert over its
+    training steps (the CLI shows both; notebooks only the first). ``log`` receives one line per
+    finished piece (the CLI prints them); the library prints nothing.
     """
     from subboost.zoo.train import torch_settings
 
@@ -210,7 +213,7 @@ def build(
                 trained, losses = finetune(blocks, hidden, mask, labels, head, steps=config.steps,
                                            batch_size=config.batch_size, lr=config.lr,
                                            weight_decay=config.weight_decay, warmup=config.warmup,
-                                           seed=task_seed, device=dev, progress=progress, desc=task)
+                                           seed=task_seed, device=dev, progress=progress and step_progress, desc=task)
                 save_state_dict(block_state(trained, first), expert_file)
                 rec = {"loss": losses, "train_seconds": time.perf_counter() - t0}
                 for split in ("val", "test"):

@@ -5,12 +5,13 @@ property of the sentence that the templates control (its sentiment, topic, tense
 zero-shot head of a task embeds short class *descriptions* (``TaskSpec.descriptions``) with the
 base model, the text analogue of CLIP's prompt templates (:mod:`subboost.langzoo.model`).
 
-Splits are drawn together from one seeded stream per task: per class, distinct sentences are
-collected until the test, validation and training quotas are filled (in that order), so the
-three splits never share a sentence and a split is unchanged when only the sizes of later
-splits change. Classes are balanced (counts differ by at most one) and each split is shuffled.
-Randomness comes from :class:`random.Random` seeded with a SHA-256 of ``(seed, task)``: results
-do not depend on Python's hash salt, the process or the platform.
+Splits are drawn together from one seeded stream per (task, class): distinct sentences are
+collected until the test, validation and training quotas of the class are filled (in that
+order), so the three splits never share a sentence and a split is unchanged when only the sizes
+of later splits change. Classes are balanced (counts differ by at most one); each split is
+shuffled by a stream of its own. Randomness comes from :class:`random.Random` seeded with a
+SHA-256 of ``(seed, task, stream)``: results do not depend on Python's hash salt, the process
+or the platform. (A sentence fixes its class, so classes cannot share a sentence either.)
 
 The tasks (fixed order: profiles take the first N). The first six read one attribute each of
 the same *sentence frame* ("{tone word} {subject} {verb phrase} {object}{time}.", six
@@ -277,9 +278,10 @@ def get_task(name: str) -> TaskSpec:
         raise ValueError(f"unknown language task '{name}'; known: {', '.join(TASK_NAMES)}") from None
 
 
-def task_rng(task: str, seed: int) -> random.Random:
-    """The task's random stream: seeded by SHA-256 of ``(seed, task)``, independent of hash salts."""
-    digest = hashlib.sha256(f"subboost-langzoo:{int(seed)}:{task}".encode()).digest()
+def task_rng(task: str, seed: int, stream: str = "") -> random.Random:
+    """A random stream of the task: seeded by SHA-256 of ``(seed, task, stream)``, independent of
+    Python's hash salt."""
+    digest = hashlib.sha256(f"subboost-langzoo:{int(seed)}:{task}:{stream}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
@@ -299,13 +301,13 @@ def generate(task: str, seed: int = 0, n_train: int = 512, n_val: int = 128, n_t
     sizes = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
     if any(v < 0 for v in sizes.values()):
         raise ValueError(f"split sizes must be ≥ 0, got {sizes}")
-    rng = task_rng(task, seed)
     quotas = {s: _quota(sizes[s], spec.num_classes) for s in SPLIT_ORDER}
     per_split: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLIT_ORDER}
-    seen: set[str] = set()
     for label in range(spec.num_classes):
+        rng = task_rng(task, seed, f"class {label}")  # one stream per class: quotas do not interact
         need = sum(quotas[s][label] for s in SPLIT_ORDER)
         got: list[str] = []
+        seen: set[str] = set()
         tries = 0
         while len(got) < need:
             tries += 1
@@ -324,6 +326,6 @@ def generate(task: str, seed: int = 0, n_train: int = 512, n_val: int = 128, n_t
     out: dict[str, TextSplit] = {}
     for s in ("train", "val", "test"):
         items = per_split[s]
-        rng.shuffle(items)
+        task_rng(task, seed, f"shuffle {s}").shuffle(items)
         out[s] = TextSplit(tuple(t for t, _ in items), tuple(l for _, l in items), spec.classnames)
     return out

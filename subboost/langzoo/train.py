@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
 from subboost.langzoo.model import BLOCK_PREFIX, encode_from
 
