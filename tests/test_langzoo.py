@@ -24,7 +24,7 @@ needs_base = pytest.mark.skipif(not HAVE_BASE, reason=f"{M.PACKAGE} is not insta
 
 
 def test_eight_tasks_in_fixed_order():
-    assert T.TASK_NAMES == ("tone", "tense", "person", "topic", "negation", "number", "question", "emotion")
+    assert T.TASK_NAMES == ("tone", "tense", "person", "question", "negation", "number", "topic", "emotion")
     for spec in T.TASKS:
         assert len(set(spec.classnames)) == spec.num_classes >= 2, spec.name
         assert len(spec.descriptions) == spec.num_classes, spec.name

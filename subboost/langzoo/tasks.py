@@ -13,10 +13,11 @@ shuffled by a stream of its own. Randomness comes from :class:`random.Random` se
 SHA-256 of ``(seed, task, stream)``: results do not depend on Python's hash salt, the process
 or the platform. (A sentence fixes its class, so classes cannot share a sentence either.)
 
-The tasks (fixed order: profiles take the first N). The first six read one attribute each of
-the same *sentence frame* ("{tone word} {subject} {verb phrase} {object}{time}.", six
-independent attributes, see :func:`frame_sentence`), so they share one input distribution and
-differ in what they read from it; the last two have their own formats.
+The tasks (fixed order: profiles take the first N). Six of them (all but *question* and
+*emotion*, which have formats of their own) read one attribute each of the same *sentence
+frame* ("{tone word} {subject} {verb phrase} {object}{time}.", six independent attributes, see
+:func:`frame_sentence`), so they share one input distribution and differ in what they read
+from it. *topic* comes late in the order because the base already solves it zero-shot.
 
 =========== ========================================= ==========================================
 task        classes                                   what decides the class
@@ -24,10 +25,10 @@ task        classes                                   what decides the class
 tone        bad news, good news                       opening word ("sadly," / "luckily,")
 tense       past, present, future                     verb form ("won", "wins", "will win")
 person      first, second, third person               subject (i/we, you, she/they/the ...)
-topic       sports, politics, science, music, food    verb and object vocabulary
+question    person, place, time, quantity, reason     the question word or phrase
 negation    affirmative, negated                      "not" / "n't" in the verb phrase
 number      singular, plural                          subject ("i", "you", "she" / "we", "you all")
-question    person, place, time, quantity, reason     the question word or phrase
+topic       sports, politics, science, music, food    verb and object vocabulary
 emotion     joy, anger, fear, sadness                 the emotion word
 =========== ========================================= ==========================================
 """
@@ -245,22 +246,22 @@ TASKS: tuple[TaskSpec, ...] = (
               ("second person", "the speaker talks to the listener"),
               ("third person", "the speaker talks about someone else")),
              _frame_task("person"), "frame: grammatical person of the subject (i/we, you, she/they)"),
-    TaskSpec("topic", ("sports", "politics", "science", "music", "food"),
-             (("sports", "a sentence about sports"), ("politics", "a sentence about politics"),
-              ("science", "a sentence about science"), ("music", "a sentence about music"),
-              ("food", "a sentence about food")),
-             _frame_task("topic"), "frame: the topic of verb and object"),
+    TaskSpec("question", ("person", "place", "time", "quantity", "reason"),
+             (("a question about a person", "who is it?"), ("a question about a place", "where is it?"),
+              ("a question about a time", "when is it?"), ("a question about a number", "how many are there?"),
+              ("a question about a reason", "why is it?")),
+             _question, "own format: what a question asks for (TREC-like question type)"),
     TaskSpec("negation", ("affirmative", "negated"),
              (("an affirmative statement", "it is so"), ("a negated statement", "it is not so")),
              _frame_task("negation"), "frame: whether the verb is negated ('did not', \"won't\")"),
     TaskSpec("number", ("singular", "plural"),
              (("one person", "a single person"), ("several people", "a group of people")),
              _frame_task("number"), "frame: grammatical number of the subject ('i', 'you' / 'we', 'you all')"),
-    TaskSpec("question", ("person", "place", "time", "quantity", "reason"),
-             (("a question about a person", "who is it?"), ("a question about a place", "where is it?"),
-              ("a question about a time", "when is it?"), ("a question about a number", "how many are there?"),
-              ("a question about a reason", "why is it?")),
-             _question, "own format: what a question asks for (TREC-like question type)"),
+    TaskSpec("topic", ("sports", "politics", "science", "music", "food"),
+             (("sports", "a sentence about sports"), ("politics", "a sentence about politics"),
+              ("science", "a sentence about science"), ("music", "a sentence about music"),
+              ("food", "a sentence about food")),
+             _frame_task("topic"), "frame: the topic of verb and object"),
     TaskSpec("emotion", ("joy", "anger", "fear", "sadness"),
              (("a feeling of joy", "someone is happy"), ("a feeling of anger", "someone is angry"),
               ("a feeling of fear", "someone is afraid"), ("a feeling of sadness", "someone is sad")),

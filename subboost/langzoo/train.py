@@ -8,8 +8,10 @@ mode) and batches come from a seeded generator, so a build is deterministic on o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,23 @@ from torch import Tensor
 from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
 from subboost.langzoo.model import BLOCK_PREFIX, encode_from
+
+
+@contextlib.contextmanager
+def torch_settings(threads: int | None = 1, deterministic: bool = True) -> Iterator[None]:
+    """Set torch's intra-op thread count and deterministic algorithms; restore both on exit."""
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        if threads:
+            torch.set_num_threads(int(threads))
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -101,12 +120,19 @@ def finetune(
 @torch.no_grad()
 def predict(blocks: torch.nn.ModuleList, hidden: Tensor, mask: Tensor, head: Tensor, batch_size: int = 256,
             device: str | torch.device = "cpu") -> Tensor:
-    """Predicted classes for cached inputs ``hidden`` with ``blocks`` and a head ``(C, D)``."""
+    """Predicted classes for cached inputs ``hidden`` with ``blocks`` and a head ``(C, D)``.
+
+    Sentences are batched in order of length (each batch cut to its longest), which saves the
+    padding; the predictions come back in the input order.
+    """
     w = head.to(device)
-    out = []
-    for i in range(0, hidden.shape[0], batch_size):
-        m = mask[i:i + batch_size]
+    n = hidden.shape[0]
+    order = torch.argsort(mask.sum(1), stable=True)
+    preds = torch.zeros(n, dtype=torch.long)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        m = mask[idx]
         length = _batch_len(m)
-        f = encode_from(blocks, hidden[i:i + batch_size, :length].to(device), m[:, :length].to(device))
-        out.append((f @ w.T).argmax(dim=1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+        f = encode_from(blocks, hidden[idx, :length].to(device), m[:, :length].to(device))
+        preds[idx] = (f @ w.T).argmax(dim=1).cpu()
+    return preds
