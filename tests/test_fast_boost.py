@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from subboost.boost import (
+    AUTO_MIN_ASPECT,
     AUTO_MIN_DIM,
     GRAM_MAX_COND,
     ROUTES,
@@ -40,7 +41,7 @@ def realistic(m: int, n: int, seed: int = 0, spikes: int = 8, spike: float = 30.
     return (1e-3 * ((u * s) @ v.T + torch.randn(m, n, generator=g, dtype=torch.float64))).to(dtype)
 
 
-SHAPES = [(240, 160), (160, 240), (160, 160), (384, 128)]
+SHAPES = [(240, 160), (160, 240), (160, 160), (384, 128), (128, 512)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -60,7 +61,7 @@ def test_gram_route_matches_reference(shape, beta):
 def test_auto_route_choice_and_accuracy(shape):
     m = realistic(*shape, seed=7)
     out, report = boost_task_vector_with_report({"visual.transformer.resblocks.0.mlp.c_fc.weight": m}, 0.0)
-    expected_route = "gram" if min(shape) >= AUTO_MIN_DIM else "svd"
+    expected_route = "gram" if min(shape) >= AUTO_MIN_DIM and max(shape) >= AUTO_MIN_ASPECT * min(shape) else "svd"
     assert report.route.tolist() == [expected_route]
     assert rel(out["visual.transformer.resblocks.0.mlp.c_fc.weight"], subspace_boost(m, 0.0, route="svd")) < 1e-4
 

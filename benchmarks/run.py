@@ -1,0 +1,435 @@
+"""Side-by-side timings of subboost's fast routes against their references (issue 6).
+
+    python benchmarks/run.py            # full run (several minutes on 2 CPU cores)
+    python benchmarks/run.py --quick    # book-chapter run (about a minute or two)
+
+Three sections, each timed reference-vs-ours **in one run, alternating** (the order flips every
+repetition), reporting medians, the ratio of medians and the largest relative error:
+
+1. ``sb``: Subspace Boosting of a synthetic merged task vector with the real ViT-B/32 block
+   shapes (12 residual blocks × in_proj 2304×768, out_proj 768×768, c_fc 3072×768, c_proj
+   768×3072) and a realistic spectrum (see :func:`realistic_matrix`): the reference is paper
+   Alg. 1 (``route="svd"``, one float32 SVD per matrix), ours ``route="auto"``. Errors are
+   relative Frobenius norms per matrix, against the reference and against a float64 SVD.
+2. ``hogsvd``: S_π of the HO-GSVD (paper Eq. 31-32) for N = 8, 14, 20 task matrices of
+   768 × 768: :func:`subboost.hogsvd.s_pi_pairwise` (N(N−1) products) against
+   :func:`subboost.hogsvd.s_pi` (Σ_{i≠j} D_i D_j⁻¹ = (Σ D_i)(Σ D_j⁻¹) − N·I).
+3. ``stream``: TA + SB merge of N ViT-B/32-size experts (synthetic safetensors checkpoints of
+   the visual tower, 351 MB each, written to ``--workdir``): ``subboost merge`` (streaming)
+   against loading every checkpoint (``load_state_dict`` + ``merge`` + ``apply_task_vector``),
+   each in its own process, peak RSS from ``getrusage``. The load-everything approach is run
+   for small N only (it needs ≈ 2 × N models of memory) and extrapolated linearly.
+
+The table is printed and written (atomically) as CSV and JSON to ``--out``
+(``benchmarks/results`` by default), with the machine, the load average before and after
+each section, and the versions. Timings on a shared machine are noisy: read the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from subboost.boost import boost_singular_values, boost_task_vector_with_report  # noqa: E402
+from subboost.checkpoints import atomic_path  # noqa: E402
+
+VIT_B32_BLOCK = {
+    "attn.in_proj_weight": (2304, 768),
+    "attn.out_proj.weight": (768, 768),
+    "mlp.c_fc.weight": (3072, 768),
+    "mlp.c_proj.weight": (768, 3072),
+}
+VIT_B32_LAYERS = 12
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def load() -> float:
+    """1-minute load average."""
+    return os.getloadavg()[0]
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(),
+                python=platform.python_version(), platform=platform.platform(),
+                cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+
+
+def alternate(ref: Callable[[], Any], ours: Callable[[], Any], reps: int) -> tuple[list[float], list[float], Any, Any]:
+    """Time ``ref`` and ``ours`` ``reps`` times each, alternating which goes first; returns
+    both lists of seconds and the last result of each."""
+    t_ref, t_ours = [], []
+    out_ref = out_ours = None
+    for rep in range(reps):
+        order = [("ref", ref), ("ours", ours)]
+        if rep % 2:
+            order.reverse()
+        for label, fn in order:
+            start = time.perf_counter()
+            result = fn()
+            elapsed = time.perf_counter() - start
+            if label == "ref":
+                t_ref.append(elapsed)
+                out_ref = result
+            else:
+                t_ours.append(elapsed)
+                out_ours = result
+    return t_ref, t_ours, out_ref, out_ours
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    nb = float(b.double().norm())
+    return float((a.double() - b.double()).norm()) / nb if nb > 0 else float((a.double()).norm())
+
+
+# ----------------------------------------------------------------------------- 1. SB
+
+
+def realistic_matrix(m: int, n: int, gen: torch.Generator, n_tasks: int = 20) -> torch.Tensor:
+    """A merged (Task Arithmetic) task matrix of ``n_tasks`` experts, Δm = Σ_t (C + U_t + E_t):
+
+    - C, shared by every task (adds up coherently): rank 8, singular values ∝ 1/k (power law);
+    - U_t, task-specific: rank 4 in random directions, singular values 0.5/k;
+    - E_t, SGD-like noise: i.i.d. Gaussian with bulk edge 0.3 (Marchenko–Pastur).
+
+    The sum has a few dominant directions (stable rank ≈ 2-3), 80 weaker task directions and a
+    noise bulk reaching down to ~1e-4 of the top singular value for square matrices: the
+    low-rank, heavy-tailed spectra the paper measures on real task vectors (its Fig. 2).
+    Scaled by 1e-3 (fine-tuning updates are small), float32.
+    """
+    f64 = torch.float64
+
+    def orth(rows: int, cols: int) -> torch.Tensor:
+        return torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=f64))[0]
+
+    k = torch.arange(1, 9, dtype=f64)
+    out = n_tasks * (orth(m, 8) * (1.0 / k)) @ orth(n, 8).T
+    ku = torch.arange(1, 5, dtype=f64)
+    for _ in range(n_tasks):
+        out += (orth(m, 4) * (0.5 / ku)) @ orth(n, 4).T
+    sigma = 0.3 / (math.sqrt(m) + math.sqrt(n))
+    out += math.sqrt(n_tasks) * sigma * torch.randn(m, n, generator=gen, dtype=f64)
+    return (1e-3 * out).to(torch.float32)
+
+
+def vit_b32_task_vector(seed: int = 0, layers: int = VIT_B32_LAYERS) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {f"visual.transformer.resblocks.{l}.{name}": realistic_matrix(*shape, gen)
+            for l in range(layers) for name, shape in VIT_B32_BLOCK.items()}
+
+
+def bench_sb(reps: int, betas: list[float], truth: bool) -> list[dict]:
+    tv = vit_b32_task_vector()
+    rows = []
+    truth_cache: dict[tuple[str, float], torch.Tensor] = {}
+    for beta in betas:
+        l0 = load()
+        t_ref, t_ours, (ref, _), (ours, rep) = alternate(
+            lambda: boost_task_vector_with_report(tv, beta, route="svd"),
+            lambda: boost_task_vector_with_report(tv, beta, route="auto"), reps)
+        errs = [rel(ours[k], ref[k]) for k in tv]
+        row = dict(
+            section="sb", benchmark=f"SB β={beta:g}, ViT-B/32 task vector ({len(tv)} matrices)",
+            reference="route=svd (Alg. 1, float32 SVD)", ours="route=auto (" + ", ".join(
+                f"{n} {r}" for r, n in rep["route"].value_counts().items()) + ")",
+            ref_median_s=statistics.median(t_ref), ours_median_s=statistics.median(t_ours),
+            ratio=statistics.median(t_ref) / statistics.median(t_ours), reps=reps,
+            max_rel_err=max(errs), mean_rel_err=statistics.mean(errs),
+            ref_times_s=[round(t, 4) for t in t_ref], ours_times_s=[round(t, 4) for t in t_ours],
+            load_before=l0, load_after=load(),
+        )
+        if truth:
+            e_ref, e_ours = [], []
+            for k, m in tv.items():
+                if (k, beta) not in truth_cache:
+                    u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+                    truth_cache[(k, beta)] = (u * boost_singular_values(s, beta)) @ vh
+                t = truth_cache[(k, beta)]
+                e_ref.append(rel(ref[k], t))
+                e_ours.append(rel(ours[k], t))
+            row.update(max_rel_err_ref_vs_float64=max(e_ref), max_rel_err_ours_vs_float64=max(e_ours))
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2. HO-GSVD
+
+
+def bench_hogsvd(reps: int, counts: list[int], n: int = 768) -> list[dict]:
+    from subboost import hogsvd
+
+    rows = []
+    gen = torch.Generator().manual_seed(1)
+    pool = [realistic_matrix(n, n, gen, n_tasks=1).double() for _ in range(max(counts))]
+    for count in counts:
+        mats = pool[:count]
+        l0 = load()
+        t_ref, t_ours, ref, ours = alternate(lambda: hogsvd.s_pi_pairwise(mats, 1e-2),
+                                             lambda: hogsvd.s_pi(mats, 1e-2), reps)
+        ev_ref = torch.sort(torch.linalg.eigvals(ref).real).values
+        ev_ours = torch.sort(torch.linalg.eigvals(ours).real).values
+        rows.append(dict(
+            section="hogsvd", benchmark=f"HO-GSVD S_π, N={count}, n={n} (float64)",
+            reference="s_pi_pairwise (N inverses, N(N−1) products)", ours="s_pi (identity: 1 product)",
+            ref_median_s=statistics.median(t_ref), ours_median_s=statistics.median(t_ours),
+            ratio=statistics.median(t_ref) / statistics.median(t_ours), reps=reps,
+            max_rel_err=rel(ours, ref), eigenvalue_max_rel_err=float(((ev_ours - ev_ref).abs() / ev_ref.abs()).max()),
+            ref_times_s=[round(t, 4) for t in t_ref], ours_times_s=[round(t, 4) for t in t_ours],
+            load_before=l0, load_after=load(),
+        ))
+    return rows
+
+
+# ----------------------------------------------------------------------------- 3. streaming
+
+
+def vit_b32_visual_shapes() -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of an open_clip ViT-B/32 visual tower (87.8 M parameters, 351 MB)."""
+    w = 768
+    shapes: dict[str, tuple[int, ...]] = {
+        "visual.class_embedding": (w,), "visual.positional_embedding": (50, w), "visual.proj": (w, 512),
+        "visual.conv1.weight": (w, 3, 32, 32), "visual.ln_pre.weight": (w,), "visual.ln_pre.bias": (w,),
+    }
+    for l in range(VIT_B32_LAYERS):
+        p = f"visual.transformer.resblocks.{l}."
+        shapes.update({
+            p + "ln_1.weight": (w,), p + "ln_1.bias": (w,),
+            p + "attn.in_proj_weight": (3 * w, w), p + "attn.in_proj_bias": (3 * w,),
+            p + "attn.out_proj.weight": (w, w), p + "attn.out_proj.bias": (w,),
+            p + "ln_2.weight": (w,), p + "ln_2.bias": (w,),
+            p + "mlp.c_fc.weight": (4 * w, w), p + "mlp.c_fc.bias": (4 * w,),
+            p + "mlp.c_proj.weight": (w, 4 * w), p + "mlp.c_proj.bias": (w,),
+        })
+    shapes.update({"visual.ln_post.weight": (w,), "visual.ln_post.bias": (w,)})
+    return shapes
+
+
+def write_checkpoints(folder: Path, n_experts: int) -> tuple[Path, list[Path]]:
+    """Base + ``n_experts`` experts (safetensors). Expert = base + shared rank-2 update +
+    task rank-2 update (block matrices) + 1e-4 Gaussian noise. Reused if present."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = vit_b32_visual_shapes()
+    base_path = folder / "base.safetensors"
+    experts = [folder / f"expert{i:02d}.safetensors" for i in range(n_experts)]
+    gen = torch.Generator().manual_seed(123)
+    base = {k: 0.02 * torch.randn(s, generator=gen) for k, s in shapes.items()}
+    if not base_path.exists():
+        save_file(base, base_path)
+    shared = torch.Generator().manual_seed(7)
+    common = {k: (torch.randn(s[0], 2, generator=shared), torch.randn(2, s[1], generator=shared))
+              for k, s in shapes.items() if len(s) == 2 and "resblocks" in k}
+    for i, path in enumerate(experts):
+        if path.exists():
+            continue
+        g = torch.Generator().manual_seed(1000 + i)
+        sd = {}
+        for k, value in base.items():
+            delta = 1e-4 * torch.randn(value.shape, generator=g)
+            if k in common:
+                a, b = common[k]
+                delta += 2e-4 * (a @ b) + 1e-4 * (torch.randn(a.shape, generator=g) @ torch.randn(b.shape, generator=g))
+            sd[k] = value + delta
+        tmp = path.with_suffix(".tmp")
+        save_file(sd, tmp)
+        os.replace(tmp, path)
+        del sd
+    return base_path, experts
+
+
+_CLI_RUNNER = textwrap.dedent("""
+    import resource, sys, time
+    from subboost.cli import main
+    t = time.perf_counter()
+    rc = main(sys.argv[1:])
+    sys.stderr.write(f"\\nBENCH {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} {time.perf_counter() - t}\\n")
+    sys.exit(rc)
+""")
+
+_LOAD_ALL_RUNNER = textwrap.dedent("""
+    import resource, sys, time
+    t = time.perf_counter()
+    from subboost.checkpoints import load_state_dict, save_state_dict
+    from subboost.merging import merge
+    from subboost.taskvector import apply_task_vector, task_vectors
+    out, base_path, *expert_paths = sys.argv[1:]
+    base = load_state_dict(base_path)
+    experts = {p: load_state_dict(p) for p in expert_paths}
+    vectors = list(task_vectors(base, experts).values())
+    delta = merge(vectors, "ta", boost_beta=0.0)
+    save_state_dict(apply_task_vector(base, delta, 0.3), out)
+    sys.stderr.write(f"\\nBENCH {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} {time.perf_counter() - t}\\n")
+""")
+
+_BASELINE_RUNNER = "import resource, sys, subboost.cli; sys.stderr.write(f'BENCH {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} 0\\n')"
+
+
+def _measure(code: str, args: list[str]) -> tuple[float, float]:
+    """Run ``code`` in a fresh interpreter; returns (peak RSS in GiB, seconds)."""
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO)
+    line = [x for x in proc.stderr.splitlines() if x.startswith("BENCH ")]
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(f"benchmark subprocess failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    _, kib, secs = line[-1].split()
+    return int(kib) / 2**20, float(secs)
+
+
+def bench_stream(n_experts: int, load_all_counts: list[int], workdir: Path, keep: bool) -> list[dict]:
+    from safetensors.torch import load_file
+
+    rows = []
+    made = not workdir.exists()
+    try:
+        t0 = time.perf_counter()
+        base, experts = write_checkpoints(workdir, max([n_experts] + load_all_counts))
+        write_s = time.perf_counter() - t0
+        size_gb = sum(p.stat().st_size for p in [base] + experts[:n_experts]) / 2**30
+        baseline, _ = _measure(_BASELINE_RUNNER, [])
+        common = dict(section="stream", baseline_rss_gib=baseline, checkpoint_gib=experts[0].stat().st_size / 2**30)
+        l0 = load()
+        out = workdir / "merged_stream.safetensors"
+        rss, secs = _measure(_CLI_RUNNER, ["merge", "--base", str(base), "--experts", *map(str, experts[:n_experts]),
+                                           "--method", "ta", "--boost", "0", "--alpha", "0.3", "--output", str(out),
+                                           "--overwrite", "--quiet"])
+        rows.append(dict(common, benchmark=f"merge TA+SB, {n_experts} ViT-B/32-size experts ({size_gb:.1f} GiB on disk)",
+                         approach="streaming: subboost merge (incl. SHA-256 of the inputs)", experts=n_experts,
+                         peak_rss_gib=rss, seconds=secs, load_before=l0, load_after=load(),
+                         note=f"checkpoints written in {write_s:.0f} s"))
+        fits = []
+        for count in load_all_counts:
+            l0 = load()
+            out_all = workdir / f"merged_all{count}.safetensors"
+            rss_all, secs_all = _measure(_LOAD_ALL_RUNNER, [str(out_all), str(base), *map(str, experts[:count])])
+            fits.append((count, rss_all, secs_all))
+            row = dict(common, benchmark=f"merge TA+SB, {count} experts", approach="load everything (library)",
+                       experts=count, peak_rss_gib=rss_all, seconds=secs_all, load_before=l0, load_after=load())
+            out_s = workdir / f"merged_stream{count}.safetensors"
+            rss_s, secs_s = _measure(_CLI_RUNNER, ["merge", "--base", str(base), "--experts", *map(str, experts[:count]),
+                                                   "--method", "ta", "--boost", "0", "--alpha", "0.3", "--output",
+                                                   str(out_s), "--overwrite", "--quiet", "--no-hash"])
+            a, b = load_file(out_all), load_file(out_s)
+            row["max_rel_err_stream_vs_load_all"] = max(rel(b[k], a[k]) for k in a)
+            rows.append(row)
+            rows.append(dict(common, benchmark=f"merge TA+SB, {count} experts", approach="streaming (no hashing)",
+                             experts=count, peak_rss_gib=rss_s, seconds=secs_s))
+            out_all.unlink()
+            out_s.unlink()
+        if len(fits) >= 2:
+            (n0, r0, s0), (n1, r1, s1) = fits[0], fits[-1]
+            slope, slope_s = (r1 - r0) / (n1 - n0), (s1 - s0) / (n1 - n0)
+            rows.append(dict(common, benchmark=f"merge TA+SB, {n_experts} experts",
+                             approach=f"load everything, extrapolated from N={n0}, {n1}", experts=n_experts,
+                             peak_rss_gib=r1 + slope * (n_experts - n1), seconds=s1 + slope_s * (n_experts - n1),
+                             note=f"{slope:.2f} GiB per expert"))
+    finally:
+        if not keep and made:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def print_table(rows: list[dict]) -> None:
+    timed = [r for r in rows if "ratio" in r]
+    if timed:
+        print(f"{'benchmark':58} {'ref med s':>10} {'ours med s':>10} {'ratio':>7} {'max rel err':>11} {'load':>9}")
+        for r in timed:
+            print(f"{r['benchmark']:58} {r['ref_median_s']:10.3f} {r['ours_median_s']:10.3f} {r['ratio']:6.2f}x "
+                  f"{r['max_rel_err']:11.2e} {r['load_before']:4.1f}-{r['load_after']:<4.1f}")
+            extra = {k: r[k] for k in ("max_rel_err_ref_vs_float64", "max_rel_err_ours_vs_float64", "eigenvalue_max_rel_err") if k in r}
+            if extra:
+                print("    " + ", ".join(f"{k} {v:.2e}" for k, v in extra.items()) + f"; ours: {r['ours']}")
+    mem = [r for r in rows if "peak_rss_gib" in r]
+    if mem:
+        print(f"\n{'merge':40} {'approach':58} {'peak RSS GiB':>12} {'seconds':>8}")
+        for r in mem:
+            print(f"{r['benchmark'][:40]:40} {r['approach'][:58]:58} {r['peak_rss_gib']:12.2f} {r['seconds']:8.1f}")
+        print(f"(a bare 'import subboost.cli' peaks at {mem[0]['baseline_rss_gib']:.2f} GiB: torch's libraries)")
+
+
+def write_results(rows: list[dict], info: dict, out: Path, stem: str) -> tuple[Path, Path]:
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out / f"{stem}.csv", out / f"{stem}.json"
+    flat = [{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()} for r in rows]
+    with atomic_path(csv_path) as tmp:
+        pd.DataFrame(flat).to_csv(tmp, index=False)
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(dict(machine=info, rows=rows), indent=1, default=str) + "\n")
+    return csv_path, json_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, N = 8 and 20 for HO-GSVD, 4 streamed experts")
+    parser.add_argument("--sections", nargs="+", choices=["sb", "hogsvd", "stream"], default=["sb", "hogsvd", "stream"])
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per timing (default 5, quick 3)")
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.02], help="SB β values (default 0 0.02)")
+    parser.add_argument("--no-truth", action="store_true", help="skip the float64 SVD accuracy check")
+    parser.add_argument("--experts", type=int, default=None, help="streamed experts (default 20, quick 4)")
+    parser.add_argument("--load-all", type=int, nargs="+", default=None, help="N for the load-everything runs (default 2 4)")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "subboost-bench",
+                        help="where the synthetic checkpoints go (removed at the end unless --keep)")
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="results folder")
+    parser.add_argument("--name", default=None, help="file stem of the results (default timings or timings_quick)")
+    args = parser.parse_args(argv)
+    reps = args.reps or (3 if args.quick else 5)
+    info = machine()
+    info.update(load_start=load(), quick=args.quick, reps=reps)
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
+          f"load {info['load_start']:.2f}", flush=True)
+    rows: list[dict] = []
+    if "sb" in args.sections:
+        rows += bench_sb(reps, args.betas, truth=not args.no_truth)
+        print_table(rows[-len(args.betas):])
+    if "hogsvd" in args.sections:
+        counts = [8, 20] if args.quick else [8, 14, 20]
+        rows += bench_hogsvd(max(2, reps - 1) if args.quick else reps, counts)
+        print_table(rows[-len(counts):])
+    if "stream" in args.sections:
+        n = args.experts or (4 if args.quick else 20)
+        load_all = args.load_all or [2, 4]
+        rows += bench_stream(n, [c for c in load_all if c <= max(n, 4)], args.workdir, args.keep)
+    info["load_end"] = load()
+    print()
+    print_table(rows)
+    csv_path, json_path = write_results(rows, info, args.out, args.name or ("timings_quick" if args.quick else "timings"))
+    print(f"\nwrote {csv_path} and {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
