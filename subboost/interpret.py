@@ -104,7 +104,7 @@ PROFILE_SIZES: dict[str, ChapterSizes] = {
     # the paper's task split on the 20-task ci zoo; fewer random draws and Table 9 at the
     # smallest task count only, to stay within the chapter's CPU budget
     "ci": ChapterSizes("ci", spectra_tasks=8, spectra_shown=4, pool=3, candidates=14, external=3, select_k=5,
-                       table5_draws=5, table10_k=8, table10_draws=5, table9_counts=1,
+                       table5_draws=8, table10_k=8, table10_draws=8, table9_counts=1,
                        table9_methods=_CORE_METHODS),
     # the paper's sizes
     "full": ChapterSizes("full", spectra_tasks=8, spectra_shown=4, pool=3, candidates=14, external=3, select_k=5,
@@ -272,13 +272,16 @@ def mean_offdiagonal(matrix: np.ndarray | pd.DataFrame) -> float:
 
 def alignment_by_block(result: AlignmentResult) -> pd.DataFrame:
     """One row per decomposed matrix of an :class:`~subboost.hogsvd.AlignmentResult`: key,
-    stack, layer, sublayer, layer_type and the mean / min / max of its off-diagonal alignments."""
+    stack, layer, sublayer, layer_type and the mean / standard deviation / min / max of its
+    off-diagonal alignments (the standard deviation measures how "defined", i.e. differentiated
+    between expert pairs, a matrix's alignments are)."""
     rows = []
     for key in result.keys:
         a = result.per_layer[key]
         off = a[~np.eye(a.shape[0], dtype=bool)]
         rows.append(dict(key=key, **describe_key(key), mean_alignment=float(off.mean()),
-                         min_alignment=float(off.min()), max_alignment=float(off.max())))
+                         std_alignment=float(off.std()), min_alignment=float(off.min()),
+                         max_alignment=float(off.max())))
     return pd.DataFrame(rows)
 
 
@@ -292,19 +295,38 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
 def depth_trend(by_block: pd.DataFrame) -> dict:
     """Does alignment grow with depth (paper Supp. H)? From :func:`alignment_by_block`:
 
-    per_block: mean off-diagonal alignment per block index (mean over sublayers);
-    per_sublayer: block index × sublayer table; first / last: the values at the first and last
-    block; rising_sublayers: sublayers whose last block exceeds their first; monotone_sublayers:
-    sublayers non-decreasing in depth; spearman: Spearman ρ between block index and mean
-    alignment over all matrices.
+    per_block: mean off-diagonal alignment per block index (mean over sublayers); per_block_std:
+    the same for the spread (std over expert pairs); per_sublayer: block index × sublayer table;
+    first / last (and first_std / last_std): the values at the first and last block;
+    monotone_mean: ``per_block`` never falls with depth; rising_sublayers: sublayers whose last
+    block exceeds their first; monotone_sublayers: sublayers non-decreasing in depth;
+    spearman: Spearman ρ between block index and mean alignment over all matrices (sublayer
+    offsets included); spearman_blocks: the same over the per-block means; verdict: "shows"
+    (last > first, ``per_block`` monotone and at least half of the sublayers rising),
+    "partly" (last > first only) or "no".
     """
     per_sub = by_block.pivot_table(index="layer", columns="sublayer", values="mean_alignment")
     per_block = by_block.groupby("layer").mean_alignment.mean()
+    per_block_std = by_block.groupby("layer").std_alignment.mean() if "std_alignment" in by_block else None
     rising = [s for s in per_sub.columns if per_sub[s].iloc[-1] > per_sub[s].iloc[0]]
     monotone = [s for s in per_sub.columns if bool((per_sub[s].diff().dropna() >= 0).all())]
-    return dict(per_block=per_block, per_sublayer=per_sub, first=float(per_block.iloc[0]),
-                last=float(per_block.iloc[-1]), rising_sublayers=rising, monotone_sublayers=monotone,
-                spearman=_spearman(by_block.layer, by_block.mean_alignment), n_blocks=int(per_block.size))
+    monotone_mean = bool((per_block.diff().dropna() >= 0).all())
+    first, last = float(per_block.iloc[0]), float(per_block.iloc[-1])
+    if last > first and monotone_mean and 2 * len(rising) >= per_sub.shape[1]:
+        verdict = "shows"
+    elif last > first:
+        verdict = "partly"
+    else:
+        verdict = "no"
+    out = dict(per_block=per_block, per_sublayer=per_sub, first=first, last=last, monotone_mean=monotone_mean,
+               rising_sublayers=rising, monotone_sublayers=monotone,
+               spearman=_spearman(by_block.layer, by_block.mean_alignment),
+               spearman_blocks=_spearman(per_block.index, per_block.values), n_blocks=int(per_block.size),
+               verdict=verdict)
+    if per_block_std is not None:
+        out.update(per_block_std=per_block_std, first_std=float(per_block_std.iloc[0]),
+                   last_std=float(per_block_std.iloc[-1]))
+    return out
 
 
 # ----------------------------------------------------------------------------- expert selection
@@ -672,21 +694,26 @@ def fig_alignment_layers(result: AlignmentResult, keys: Sequence[str], ncols: in
 
 
 def fig_alignment_depth(by_block: pd.DataFrame):
-    """Mean off-diagonal alignment against block index, one line per sublayer and their mean."""
+    """Mean (left) and spread over expert pairs (right, when available) of the off-diagonal
+    alignment against block index, one line per sublayer and their mean."""
     plt = _plt()
     from subboost.plotting import colors
 
-    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    panels = [("mean_alignment", "mean off-diagonal alignment [dimensionless]")]
+    if "std_alignment" in by_block:
+        panels.append(("std_alignment", "std of off-diagonal alignment over pairs [dimensionless]"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.8), squeeze=False)
     subs = sorted(by_block.sublayer.unique())
-    for c, sub in zip(colors(len(subs)), subs):
-        s = by_block[by_block.sublayer == sub].sort_values("layer")
-        ax.plot(s.layer, s.mean_alignment, marker="o", color=c, lw=1.2, label=sub)
-    mean = by_block.groupby("layer").mean_alignment.mean()
-    ax.plot(mean.index, mean.values, marker="s", color="black", lw=2.0, label="mean over sublayers")
-    ax.set_xticks(sorted(by_block.layer.unique()))
-    ax.set_xlabel("residual block l [index, 0 = shallowest]")
-    ax.set_ylabel("mean off-diagonal alignment [dimensionless]")
-    ax.legend(fontsize=8)
+    for ax, (col, ylabel) in zip(axes[0], panels):
+        for c, sub in zip(colors(len(subs)), subs):
+            s = by_block[by_block.sublayer == sub].sort_values("layer")
+            ax.plot(s.layer, s[col], marker="o", color=c, lw=1.2, label=sub)
+        mean = by_block.groupby("layer")[col].mean()
+        ax.plot(mean.index, mean.values, marker="s", color="black", lw=2.0, label="mean over sublayers")
+        ax.set_xticks(sorted(by_block.layer.unique()))
+        ax.set_xlabel("residual block l [index, 0 = shallowest]")
+        ax.set_ylabel(ylabel)
+    axes[0][0].legend(fontsize=8)
     return fig
 
 
@@ -695,7 +722,8 @@ def fig_selection(run: SelectionRun):
     per evaluation group."""
     plt = _plt()
     groups = list(run.protocol.groups)
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.3 * len(groups) + 0.8, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.0 * len(groups) + 2.4, 3.6), squeeze=False,
+                             layout="constrained")
     rnd = run.rows[run.rows.kind == "Random"]
     ho = run.rows[run.rows.kind == "HO-GSVD"].iloc[0]
     rng = np.random.default_rng(0)
@@ -709,7 +737,8 @@ def fig_selection(run: SelectionRun):
         ax.set_xticks([])
         ax.set_xlabel(f"{group} tasks ({len(run.protocol.groups[group])})")
         ax.set_ylabel("mean test accuracy [%]")
-    axes[0][-1].legend(fontsize=8, loc="best")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="outside right upper")
     fig.suptitle(f"{run.protocol.name} protocol: {run.protocol.k} chosen of {len(run.protocol.candidates)}"
                  + (f", pool of {len(run.protocol.pool)}" if run.protocol.pool else ""))
     return fig
