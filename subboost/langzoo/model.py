@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -89,13 +90,15 @@ def load_base(folder: str | Path | None = None, module: str = MODULE):
 
     ``folder`` defaults to the installed package's model folder (:func:`model_dir`).
     """
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     path = Path(folder) if folder is not None else model_dir(module)
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    with offline():
+    with warnings.catch_warnings(), offline():
+        # transformers imports tqdm.auto, which warns in kernels without ipywidgets
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        bars = hf_logging.is_progress_bar_enabled()
         try:  # no load reports or bars in the book's outputs; settings restored afterwards
             hf_logging.set_verbosity_error()
             hf_logging.disable_progress_bar()
