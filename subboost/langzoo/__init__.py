@@ -7,6 +7,7 @@ with a frozen zero-shot head per task (class-description embeddings), and expose
 suite for the experiment drivers::
 
     from subboost.langzoo import load_suite, tune_and_test
+    from subboost.merging import merge
     suite = load_suite("ci")                  # builds into the cache on first use
     vectors = suite.task_vectors(suite.task_names[:4])
     alpha, test, sweep = tune_and_test(suite, merge(vectors, "ta"), suite.task_names[:4])

@@ -16,6 +16,7 @@ from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
 from subboost import experiments as ex
 from subboost.langzoo import tasks as T
+from subboost.langzoo.suite import LanguageSuite
 from subboost.taskvector import StateDict
 
 SMOKE_TASK_COUNTS = (2, 3)
@@ -32,7 +33,7 @@ TABLE2_VARIANTS = (
 PAPER_ROW_FOR = {"SB": "TA+LiNeS+SB"}  # TABLE2_T5 label -> our row
 
 
-def _tune(suite):
+def _tune(suite: ex.Suite):
     method = getattr(suite, "tune_and_test", None)
     if callable(method):
         return method
@@ -41,7 +42,7 @@ def _tune(suite):
     return lambda delta, tasks, alphas: tune_and_test(suite, delta, tasks, alphas)
 
 
-def evaluate_variant(suite, tasks: Sequence[str], variant: ex.Variant,
+def evaluate_variant(suite: ex.Suite, tasks: Sequence[str], variant: ex.Variant,
                      vectors: Mapping[str, StateDict] | None = None,
                      alpha_grid: Sequence[float] | None = None) -> dict:
     """:func:`subboost.experiments.evaluate_variant`, tuning α with the suite's own protocol."""
@@ -62,7 +63,7 @@ def evaluate_variant(suite, tasks: Sequence[str], variant: ex.Variant,
                 lines_b=float("nan") if b is None else b, merge_seconds=seconds, per_task=test_df)
 
 
-def results_table(suite, task_counts: Iterable[int], variants: Sequence[ex.Variant] = TABLE2_VARIANTS,
+def results_table(suite: ex.Suite, task_counts: Iterable[int], variants: Sequence[ex.Variant] = TABLE2_VARIANTS,
                   alpha_grid: Sequence[float] | None = None, progress: bool = True,
                   reference: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(long, per_task)``: the long results table (as :func:`subboost.experiments.results_table`,
@@ -86,7 +87,7 @@ def results_table(suite, task_counts: Iterable[int], variants: Sequence[ex.Varia
     return long, pd.concat(per_task, ignore_index=True)
 
 
-def task_counts_for(suite, task_counts: Sequence[int], profile: str) -> tuple[list[int], list[int]]:
+def task_counts_for(suite: ex.Suite, task_counts: Sequence[int], profile: str) -> tuple[list[int], list[int]]:
     """``(used, skipped)``: the smoke profile uses 2 and 3; other profiles use the requested
     counts that fit the suite (the rest are returned as skipped, for the chapter to say so)."""
     available = len(suite.task_names)
@@ -100,7 +101,7 @@ def task_counts_for(suite, task_counts: Sequence[int], profile: str) -> tuple[li
     return used, skipped
 
 
-def task_overview(suite, examples: int = 1) -> pd.DataFrame:
+def task_overview(suite: LanguageSuite, examples: int = 1) -> pd.DataFrame:
     """Per task: classes, what decides the class, an example test sentence, chance, zero-shot
     and fine-tuned test accuracy (percent)."""
     rows = []
@@ -115,7 +116,7 @@ def task_overview(suite, examples: int = 1) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("task")
 
 
-def build_costs(suite) -> pd.DataFrame:
+def build_costs(suite: LanguageSuite) -> pd.DataFrame:
     """Per expert: fine-tuning seconds (training only, and with its evaluations), steps, seconds
     per step, final training loss — read from the build records."""
     cfg = suite.config

@@ -46,8 +46,8 @@ class LanguageSuite:
         self.folder = Path(folder)
         if not (self.folder / "build.json").is_file():
             raise FileNotFoundError(f"{self.folder} is not a finished language zoo build (no build.json)")
-        self.config = LangZooConfig(**{**json.loads((self.folder / "config.json").read_text()),
-                                       "tasks": tuple(json.loads((self.folder / "config.json").read_text())["tasks"])})
+        saved = json.loads((self.folder / "config.json").read_text())
+        self.config = LangZooConfig(**{**saved, "tasks": tuple(saved["tasks"])})
         self.task_names: list[str] = list(self.config.tasks)
         self.name = f"langzoo:{self.folder.name}"
         self.model_name = self.config.base
