@@ -114,7 +114,12 @@ def evaluate_variant(suite: Suite, tasks: Sequence[str], variant: Variant,
     grid), lines_b, merge_seconds, per_task (DataFrame of the test evaluation). ``alpha_grid``
     overrides the variant's own grid.
     """
-    from subboost.evaluate import tune_and_test
+    from subboost.evaluate import tune_and_test as tune_vision
+
+    own = getattr(suite, "tune_and_test", None)  # suites with their own evaluation (language zoo)
+
+    def tune_and_test(suite, delta, tasks, alphas):
+        return own(delta, tasks, alphas) if callable(own) else tune_vision(suite, delta, tasks, alphas)
 
     vectors = vectors if vectors is not None else suite.task_vectors(tasks)
     alphas = tuple(alpha_grid) if alpha_grid is not None else variant.alphas()
