@@ -598,7 +598,7 @@ def fig_gsv_spectra(spectra: pd.DataFrame, shown: Sequence[str]):
     from subboost.plotting import colors
 
     keys = list(dict.fromkeys(spectra.key))
-    fig, axes = plt.subplots(len(keys), 2, figsize=(10.5, 3.1 * len(keys)), squeeze=False)
+    fig, axes = plt.subplots(len(keys), 2, figsize=(10.5, 3.4 * len(keys)), squeeze=False)
     palette = colors(max(1, len(shown)))
     for row, key in zip(axes, keys):
         sub = spectra[(spectra.key == key) & spectra.in_rowspace]
@@ -612,7 +612,7 @@ def fig_gsv_spectra(spectra: pd.DataFrame, shown: Sequence[str]):
         info = sub.iloc[0]
         ax.set_title(f"block {info.layer} {info.sublayer}")
         ax.set_xlabel("shared direction k [index; τ descending: unique → common]")
-        ax.set_ylabel("generalised singular value σ_k [weight units]")
+        ax.set_ylabel("generalised σ_k [weight units]")
         ax.legend(fontsize=7, ncol=2)
         ax = row[1]
         single = sub[sub.kind == "single"].pivot(index="direction", columns="matrix", values="sigma")
@@ -626,7 +626,7 @@ def fig_gsv_spectra(spectra: pd.DataFrame, shown: Sequence[str]):
         ax.set_title(f"block {info.layer} {info.sublayer}: coherence")
         ax.set_xlabel("shared direction k [index; τ descending: unique → common]")
         ax.set_ylabel("σ_avg,k / mean_i σ_i,k [ratio]")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
     return fig
 
 
