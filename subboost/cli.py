@@ -134,6 +134,8 @@ def _inputs_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("execution")
     o.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute (default: cuda if available)")
     o.add_argument("--memory-budget", type=_positive_int, default=512, metavar="MB", help="memory for row blocks of large tensors (default 512)")
+    o.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's choice; 1 helps on an oversubscribed machine)")
     o.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only on a terminal anyway)")
     o.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
@@ -538,6 +540,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prog = f"subboost {args.command}"
     try:
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)  # this process is the application: its choice
         return int(args.func(args))
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
