@@ -9,6 +9,11 @@ import pytest
 import torch
 
 from subboost.boost import (
+    _GRAM32_MAX_ERR,
+    _GRAM32_SAFETY,
+    _gram,
+    _gram32_error,
+    _gram_eigh,
     AUTO_MIN_ASPECT,
     AUTO_MIN_DIM,
     GRAM_MAX_COND,
@@ -167,3 +172,45 @@ def test_bad_route_and_inputs():
         boost_matrices([bad], 0.0, route="gram", names=["weird.key"])
     with pytest.raises(ValueError, match="betas"):
         boost_matrices([bad, bad], [0.0], route="gram")
+
+
+def _spectrum_matrix(m: int, n: int, s: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    return ((u * s) @ v.T).float()
+
+
+@pytest.mark.parametrize("kind", ["geometric", "power", "task-like"])
+@pytest.mark.parametrize("kappa", [3.0, 30.0, 300.0])
+def test_float32_gram_error_estimate_bounds_the_error(kind, kappa):
+    """The float32-Gram shortcut is taken only where SAFETY × estimate ≤ MAX_ERR; check that
+    the estimate (times the safety factor) bounds the measured error of the resulting polar
+    factor, here on 1024 × 256 matrices."""
+    m, n = 1024, 256
+    i = torch.arange(n, dtype=torch.float64)
+    if kind == "geometric":
+        s = kappa ** (-i / (n - 1))
+    elif kind == "power":
+        s = (1 + i) ** (-math.log(kappa) / math.log(n))
+    else:  # a few strong directions over a flat bulk
+        s = torch.where(i < 4, 1.0 / (1 + i), torch.full_like(i, 1.0 / kappa)) * (1 + 0.1 * torch.rand(n, dtype=torch.float64))
+        s = s.sort(descending=True).values
+    x = _spectrum_matrix(m, n, s, seed=int(kappa))
+    lam, v = torch.linalg.eigh(_gram(x.unsqueeze(0), True, torch.float32).double())
+    f = lam[0, -1].sqrt() / lam[0].clamp(min=1e-300).sqrt()
+    approx = x.double() @ ((v[0] * f) @ v[0].T)
+    u_, s_, vh_ = torch.linalg.svd(x.double(), full_matrices=False)
+    err = rel(approx, s_[0] * (u_ @ vh_))
+    est = float(_gram32_error(lam, m)[0])
+    assert err <= _GRAM32_SAFETY * est, (err, est)
+
+
+def test_float32_gram_is_used_only_when_safe():
+    good = realistic(2048, 256, seed=12, spike=3.0)  # well conditioned: float32 Gram accepted
+    i = torch.arange(256, dtype=torch.float64)
+    bad = _spectrum_matrix(2048, 256, 1000.0 ** (-i / 255), seed=13)  # κ = 1e3: float64 Gram
+    _, _, used = _gram_eigh(torch.stack([good, bad]), True)
+    assert used == ["float32", "float64"]
+    for mat in (good, bad):
+        assert rel(subspace_boost(mat, 0.0, route="gram"), sb64(mat, 0.0)) < _GRAM32_MAX_ERR
