@@ -447,7 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="results folder")
     parser.add_argument("--name", default=None, help="file stem of the results (default timings or timings_quick)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; on a machine shared with other jobs, "
+                             "1 avoids stalls of multi-threaded LAPACK calls)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 5)
     info = machine()
     info.update(load_start=load(), quick=args.quick, reps=reps)

@@ -15,13 +15,14 @@ boost second.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from subboost.taskvector import LAYER_TYPES, StateDict, is_zero, parse_block_key, select_block_keys
+from subboost.taskvector import LAYER_TYPES, StateDict, parse_block_key, select_block_keys
 
 
 def _check_beta(beta: float, name: str = "beta") -> float:
@@ -180,14 +181,14 @@ def _gram32_error(lam: Tensor, length: int) -> Tensor:
 
 
 def _gram_eigh(stack: Tensor, tall: bool) -> tuple[Tensor, Tensor, list[str]]:
-    """Eigendecomposition (float64, descending) of the batched Gram matrices, and per matrix
+    """Eigendecomposition (float64, ascending) of the batched Gram matrices, and per matrix
     the precision its Gram was accumulated in. Float32 inputs first try a float32 Gram (half
     the cost of float64); matrices whose estimated error
     :data:`_GRAM32_SAFETY`·:func:`_gram32_error` exceeds :data:`_GRAM32_MAX_ERR` are redone
     with a float64 Gram."""
     if stack.dtype == torch.float64:
         lam, vec = torch.linalg.eigh(_gram(stack, tall, torch.float64))
-        return lam.flip(-1), vec.flip(-1), ["float64"] * stack.shape[0]
+        return lam, vec, ["float64"] * stack.shape[0]
     lam, vec = torch.linalg.eigh(_gram(stack, tall, torch.float32).to(torch.float64))
     redo = (_GRAM32_SAFETY * _gram32_error(lam, max(stack.shape[-2:])) > _GRAM32_MAX_ERR).nonzero().flatten()
     used = ["float32"] * stack.shape[0]
@@ -197,7 +198,7 @@ def _gram_eigh(stack: Tensor, tall: bool) -> tuple[Tensor, Tensor, list[str]]:
         lam[redo], vec[redo] = lam64, vec64
         for i in redo.tolist():
             used[i] = "float64"
-    return lam.flip(-1), vec.flip(-1), used
+    return lam, vec, used
 
 
 def _gram_boost_batch(
@@ -213,18 +214,19 @@ def _gram_boost_batch(
     """
     b, m, n = stack.shape
     tall = m >= n
-    lam, vec, _ = _gram_eigh(stack, tall)
+    lam, vec, _ = _gram_eigh(stack, tall)  # ascending; the spectrum S is read descending
     s = lam.clamp(min=0.0).sqrt()
     results: list[tuple[Tensor, int] | None] = [None] * b
     factors = torch.ones_like(s)
     ok: list[tuple[int, int, bool]] = []
     eps = torch.finfo(stack.dtype).eps
     for i in range(b):
-        smax, smin = float(s[i, 0]), float(s[i, -1])
+        smax, smin = float(s[i, -1]), float(s[i, 0])
         if not (smax > 0.0 and smin > 0.0 and smax <= GRAM_MAX_COND * smin):
             continue
-        idx = boost_cutoff_index(s[i], betas[i])
-        f = torch.clamp(s[i, idx] / s[i], min=1.0)
+        desc = s[i].flip(0)
+        idx = boost_cutoff_index(desc, betas[i])
+        f = torch.clamp(desc[idx] / s[i], min=1.0)
         factors[i] = f
         est = eps * smax * float(f.norm() / (s[i] * f).norm())
         ok.append((i, idx, stack.dtype == torch.float64 or est <= _APPLY32_MAX_ERR))
@@ -232,13 +234,14 @@ def _gram_boost_batch(
         sel = [(i, idx) for i, idx, lo in ok if lo == low]
         if not sel:
             continue
-        rows = torch.tensor([i for i, _ in sel])
+        rows = [i for i, _ in sel]
+        pick = (lambda t: t) if rows == list(range(b)) else (lambda t: t[torch.tensor(rows)])
         if low:  # W = V diag(f) Vᵀ formed in the work dtype: its rounding is not the bottleneck
-            v, f = vec[rows].to(stack.dtype), factors[rows].to(stack.dtype)
-            x, w = stack[rows], (v * f.unsqueeze(-2)) @ v.mT
+            v, f = pick(vec).to(stack.dtype), pick(factors).to(stack.dtype)
+            x, w = pick(stack), (v * f.unsqueeze(-2)) @ v.mT
         else:
-            v = vec[rows]
-            x, w = stack[rows].to(torch.float64), (v * factors[rows].unsqueeze(-2)) @ v.mT
+            v = pick(vec)
+            x, w = pick(stack).to(torch.float64), (v * pick(factors).unsqueeze(-2)) @ v.mT
         out = (x @ w if tall else w @ x).to(stack.dtype)
         for j, (i, idx) in enumerate(sel):
             results[i] = (out[j], idx)
@@ -270,8 +273,12 @@ def boost_matrices(
     results: list[tuple[Tensor, int | None, str] | None] = [None] * len(mats)
     groups: dict[tuple, list[int]] = {}
     for i, (m, name) in enumerate(zip(mats, names)):
-        _check_matrix(m, name)
-        if is_zero(m):
+        if m.ndim != 2 or not m.is_floating_point():
+            _check_matrix(m, name)
+        peak = float(m.detach().abs().amax()) if m.numel() else 0.0  # one pass: NaN/Inf and zero
+        if not math.isfinite(peak):
+            raise ValueError(f"{name}: matrix contains NaN or Inf values")
+        if peak == 0.0:
             results[i] = (m.clone(), None, "zero")
             continue
         r = route
@@ -283,12 +290,17 @@ def boost_matrices(
             continue
         out, idx = _svd_boost(m.detach().to(_compute_dtype(m.dtype)), beta_list[i], tall=(r == "svd-tall"))
         results[i] = (out.to(m.dtype), idx, r)
-    for (shape, dtype, _), members in groups.items():
-        per_batch = max(1, _BATCH_ELEMENTS // (shape[0] * shape[1]))
+    for (shape, dtype, device), members in groups.items():
+        # one matrix at a time on the CPU (LAPACK loops over a batch anyway, and stacking
+        # would copy every matrix); batched on accelerators
+        per_batch = 1 if device.type == "cpu" else max(1, _BATCH_ELEMENTS // (shape[0] * shape[1]))
         for start in range(0, len(members), per_batch):
             chunk = members[start:start + per_batch]
             work_dtype = _compute_dtype(dtype)
-            stack = torch.stack([mats[i].detach().to(work_dtype) for i in chunk])
+            if len(chunk) == 1:
+                stack = mats[chunk[0]].detach().to(work_dtype).unsqueeze(0)
+            else:
+                stack = torch.stack([mats[i].detach().to(work_dtype) for i in chunk])
             outs = _gram_boost_batch(stack, [beta_list[i] for i in chunk])
             for j, i in enumerate(chunk):
                 got = outs[j]
@@ -313,7 +325,6 @@ def subspace_boost(matrix: Tensor, beta: float = 0.0, *, name: str = "matrix", r
     """
     _check_beta(beta)
     _check_route(route)
-    _check_matrix(matrix, name)
     return boost_matrices([matrix], beta, route=route, names=[name])[0][0]
 
 
@@ -367,9 +378,7 @@ def boost_task_vector_with_report(
             continue
         info = parse_block_key(key)
         ltypes[key] = info.layer_type if info is not None else "proj"
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"task vector key '{key}' contains NaN or Inf values")
-        todo.append(key)
+        todo.append(key)  # boost_matrices raises, naming the key, for NaN / Inf values
     boosted = boost_matrices(
         [task_vector[k] for k in todo], [betas[ltypes[k]] for k in todo], route=route, names=todo
     )
