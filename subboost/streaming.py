@@ -60,7 +60,6 @@ from subboost.taskvector import (
     is_projection_matrix,
     parse_block_key,
     select_block_keys,
-    task_vector,
 )
 
 __all__ = [
@@ -649,18 +648,26 @@ class _Plan:
         return [(r, min(r + rows, n)) for r in range(0, n, rows)]
 
     def deltas(self, key: str, rows: tuple[int, int] | None) -> list[Tensor]:
-        """Task vectors Δi = θi − θ0 of ``key`` (rows), via the library's ``task_vector``
-        (its NaN checks and dtype rules), moved to the compute device."""
-        b = self.base.read(key, rows)
+        """Task vectors Δi = θi − θ0 of ``key`` (rows), moved to the compute device.
+
+        Same rules as :func:`subboost.taskvector.task_vector` (Δ = θi − θ0 in the promoted
+        dtype, NaN/Inf rejected naming the file and key), with the base checked once."""
+        b = self.base.read(key, rows).to(self.device)
+        if not _all_finite(b):
+            raise InputError(f"base ({self.base.path}): key '{key}' contains NaN or Inf values")
         out = []
         for reader, name in zip(self.experts, self.names):
-            e = reader.read(key, rows)
-            tv = task_vector({key: b}, {key: e}, name=f"expert '{name}' ({reader.path})")
-            out.append(tv[key].to(self.device))
+            e = reader.read(key, rows).to(self.device)
+            if not _all_finite(e):
+                raise InputError(f"expert '{name}' ({reader.path}): key '{key}' contains NaN or Inf values")
+            out.append(e - b)
             del e
-        if not bool(torch.isfinite(b).all()):
-            raise InputError(f"base ({self.base.path}): key '{key}' contains NaN or Inf values")
         return out
+
+
+def _all_finite(t: Tensor) -> bool:
+    """One reduction: the largest magnitude is finite iff every entry is (NaN propagates)."""
+    return t.numel() == 0 or math.isfinite(float(t.detach().abs().amax()))
 
 
 def _progress(total: int, desc: str, enabled: bool, unit: str = "tensor") -> Any:
