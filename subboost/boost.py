@@ -151,20 +151,23 @@ def _svd_boost(work: Tensor, beta: float, tall: bool = False) -> tuple[Tensor, i
 def _gram(stack: Tensor, tall: bool, dtype: torch.dtype) -> Tensor:
     """Batched Gram matrices of the smaller side, XᵀX (tall) or XXᵀ (wide), in ``dtype``.
 
-    For k ≥ 512 only the upper block triangle of a 2 × 2 block split is multiplied
-    (3 of 4 block products), the lower block is mirrored."""
+    Symmetry halves the work: the k columns are split into up to 4 blocks and only the block
+    rows of the upper triangle are multiplied (one product per block row, e.g. 10 of 16 block
+    products for k ≥ 512), the lower triangle is mirrored."""
     x = stack.to(dtype)
     if not tall:
         x = x.mT
     k = x.shape[-1]
-    if k < 512:
+    blocks = 4 if k >= 512 else 2 if k >= 256 else 1
+    if blocks == 1:
         return x.mT @ x
-    h = k // 2
-    a, b = x[..., :h], x[..., h:]
-    g11, g12, g22 = a.mT @ a, a.mT @ b, b.mT @ b
-    top = torch.cat([g11, g12], dim=-1)
-    bottom = torch.cat([g12.mT, g22], dim=-1)
-    return torch.cat([top, bottom], dim=-2)
+    edges = [round(i * k / blocks) for i in range(blocks + 1)]
+    out = torch.empty(*x.shape[:-2], k, k, dtype=dtype, device=x.device)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        row = x[..., lo:hi].mT @ x[..., lo:]
+        out[..., lo:hi, lo:] = row
+        out[..., lo:, lo:hi] = row.mT
+    return out
 
 
 def _gram32_error(lam: Tensor, length: int) -> Tensor:
@@ -236,12 +239,12 @@ def _gram_boost_batch(
             continue
         rows = [i for i, _ in sel]
         pick = (lambda t: t) if rows == list(range(b)) else (lambda t: t[torch.tensor(rows)])
-        if low:  # W = V diag(f) Vᵀ formed in the work dtype: its rounding is not the bottleneck
-            v, f = pick(vec).to(stack.dtype), pick(factors).to(stack.dtype)
-            x, w = pick(stack), (v * f.unsqueeze(-2)) @ v.mT
+        # W = V diag(f) Vᵀ = A Aᵀ with A = V diag(√f) (f ≥ 1): a Gram product, symmetric
+        a = pick(vec) * pick(factors).sqrt().unsqueeze(-2)
+        if low:  # formed in the work dtype: its rounding is not the bottleneck
+            x, w = pick(stack), _gram(a, False, stack.dtype)
         else:
-            v = pick(vec)
-            x, w = pick(stack).to(torch.float64), (v * pick(factors).unsqueeze(-2)) @ v.mT
+            x, w = pick(stack).to(torch.float64), _gram(a, False, torch.float64)
         if x.shape[0] == 1:  # plain 2-D product: ~10% faster than a batch of one on the CPU
             out = (x[0] @ w[0] if tall else w[0] @ x[0]).unsqueeze(0).to(stack.dtype)
         else:
