@@ -1,7 +1,7 @@
 """Side-by-side timings of subboost's fast routes against their references (issue 6).
 
     python benchmarks/run.py            # full run (several minutes on 2 CPU cores)
-    python benchmarks/run.py --quick    # book-chapter run (about a minute or two)
+    python benchmarks/run.py --quick    # book-chapter run (a few minutes on 2 CPU cores)
 
 Three sections, each timed reference-vs-ours **in one run, alternating** (the order flips every
 repetition), reporting medians, the ratio of medians and the largest relative error:
@@ -391,7 +391,7 @@ def bench_stream(n_experts: int, load_all_counts: list[int], workdir: Path, keep
                              experts=count, peak_rss_gib=rss_s, seconds=secs_s))
             out_all.unlink()
             out_s.unlink()
-        if len(fits) >= 2:
+        if len(fits) >= 2 and n_experts > fits[-1][0]:
             (n0, r0, s0), (n1, r1, s1) = fits[0], fits[-1]
             slope, slope_s = (r1 - r0) / (n1 - n0), (s1 - s0) / (n1 - n0)
             rows.append(dict(common, benchmark=f"merge TA+SB, {n_experts} experts",
@@ -440,10 +440,11 @@ def write_results(rows: list[dict], info: dict, out: Path, stem: str) -> tuple[P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, N = 8 and 20 for HO-GSVD, 4 streamed experts")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 repetitions, β = 0 only, N = 8 and 20 for HO-GSVD, 4 streamed experts (a few minutes)")
     parser.add_argument("--sections", nargs="+", choices=["sb", "hogsvd", "stream"], default=["sb", "hogsvd", "stream"])
     parser.add_argument("--reps", type=int, default=None, help="repetitions per timing (default 5, quick 3)")
-    parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.02], help="SB β values (default 0 0.02)")
+    parser.add_argument("--betas", type=float, nargs="+", default=None, help="SB β values (default 0 0.02; quick: 0)")
     parser.add_argument("--no-truth", action="store_true", help="skip the float64 SVD accuracy check")
     parser.add_argument("--experts", type=int, default=None, help="streamed experts (default 20, quick 4)")
     parser.add_argument("--load-all", type=int, nargs="+", default=None, help="N for the load-everything runs (default 2 4)")
@@ -459,13 +460,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 5)
+    betas = args.betas or ([0.0] if args.quick else [0.0, 0.02])
     info = machine()
     info.update(load_start=load(), quick=args.quick, reps=reps)
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
           f"load {info['load_start']:.2f}", flush=True)
     rows: list[dict] = []
     if "sb" in args.sections:
-        rows += bench_sb(reps, args.betas, truth=not args.no_truth)
+        rows += bench_sb(reps, betas, truth=not args.no_truth)
         print_table([r for r in rows if r["section"] == "sb"])
     if "hogsvd" in args.sections:
         counts = [8, 20] if args.quick else [8, 14, 20]
