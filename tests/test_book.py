@@ -206,7 +206,9 @@ def built_book(tmp_path_factory):
     """
     prebuilt = os.environ.get("SUBBOOST_BUILT_BOOK")
     if prebuilt:
-        root = Path(prebuilt)
+        root = Path(prebuilt).resolve()
+        if not (root / "executed" / book.MANIFEST_NAME).is_file():
+            pytest.fail(f"SUBBOOST_BUILT_BOOK={prebuilt}: no executed book there (run `make book` first)")
         executed, site = root / "executed", root / "html"
         manifest = json.loads((executed / book.MANIFEST_NAME).read_text())
         runs = [book.ChapterRun(chapter=name, status=m["status"], wall_time_s=m["wall_time_s"],
@@ -287,7 +289,7 @@ def test_every_page_renders_figures_and_math_in_chromium(built_book, tmp_path):
     assert redirect.is_file()
     pages = [(e, site / f"{e}.html") for e in book._toc_files(ROOT / "_toc.yml")]
     for entry, page in pages:
-        proc = _chrome(binary, "--virtual-time-budget=20000", "--dump-dom", page.as_uri())
+        proc = _chrome(binary, "--virtual-time-budget=20000", "--dump-dom", page.resolve().as_uri())
         dom = proc.stdout
         assert "<h1" in dom, f"{entry}: no page rendered ({proc.stderr[-500:]})"
         assert "<mjx-merror" not in dom and "Math input error" not in dom, f"{entry}: MathJax error"
@@ -303,7 +305,7 @@ def test_every_page_renders_figures_and_math_in_chromium(built_book, tmp_path):
         elif "$" in (ROOT / f"{entry}.md").read_text():
             assert dom.count("<mjx-container") > 0, f"{entry}: math not typeset"
         shot = tmp_path / f"{name}.png"
-        _chrome(binary, "--window-size=1280,2400", "--virtual-time-budget=20000", f"--screenshot={shot}", page.as_uri())
+        _chrome(binary, "--window-size=1280,2400", "--virtual-time-budget=20000", f"--screenshot={shot}", page.resolve().as_uri())
         assert shot.is_file() and shot.stat().st_size > 20_000, f"{entry}: empty screenshot"
         from PIL import Image
 
