@@ -13,7 +13,8 @@ repetition), reporting medians, the ratio of medians and the largest relative er
    relative Frobenius norms per matrix, against the reference and against a float64 SVD.
 2. ``hogsvd``: S_π of the HO-GSVD (paper Eq. 31-32) for N = 8, 14, 20 task matrices of
    768 × 768: :func:`subboost.hogsvd.s_pi_pairwise` (N(N−1) products) against
-   :func:`subboost.hogsvd.s_pi` (Σ_{i≠j} D_i D_j⁻¹ = (Σ D_i)(Σ D_j⁻¹) − N·I).
+   :func:`subboost.hogsvd.s_pi` (Σ_{i≠j} D_i D_j⁻¹ = (Σ D_i)(Σ D_j⁻¹) − N·I, batched
+   block-symmetric Grams, Cholesky inverses).
 3. ``stream``: TA + SB merge of N ViT-B/32-size experts (synthetic safetensors checkpoints of
    the visual tower, 351 MB each, written to ``--workdir``): ``subboost merge`` (streaming)
    against loading every checkpoint (``load_state_dict`` + ``merge`` + ``apply_task_vector``),
@@ -184,23 +185,6 @@ def bench_sb(reps: int, betas: list[float], truth: bool) -> list[dict]:
 # ----------------------------------------------------------------------------- 2. HO-GSVD
 
 
-def s_pi_batched_cholesky(matrices: list[torch.Tensor], pi: float = 1e-2) -> torch.Tensor:
-    """Benchmark-local variant of :func:`subboost.hogsvd.s_pi` (same identity), showing what
-    the remaining shared work costs: Gram matrices in one batched product using their symmetry
-    (3 of 4 block products), Σ_i D_i = (1 + Nπ)·AᵀA for free, and the N inverses of the SPD
-    D_j through Cholesky (a third of the flops of LU inversion)."""
-    from subboost.boost import _gram
-
-    a = torch.stack([m.to(torch.float64) for m in matrices])
-    n_mat = a.shape[0]
-    grams = _gram(a, a.shape[-2] >= a.shape[-1], torch.float64)  # 3 of 4 block products (symmetry)
-    total = grams.sum(0)
-    d = grams + pi * total
-    inv_sum = torch.cholesky_inverse(torch.linalg.cholesky(d)).sum(0)
-    eye = torch.eye(total.shape[0], dtype=total.dtype)
-    return ((1 + n_mat * pi) * total @ inv_sum - n_mat * eye) / (n_mat * (n_mat - 1))
-
-
 def bench_hogsvd(reps: int, counts: list[int], n: int = 768) -> list[dict]:
     from subboost import hogsvd
 
@@ -214,21 +198,9 @@ def bench_hogsvd(reps: int, counts: list[int], n: int = 768) -> list[dict]:
                                              lambda: hogsvd.s_pi(mats, 1e-2), reps)
         ev_ref = torch.sort(torch.linalg.eigvals(ref).real).values
         ev_ours = torch.sort(torch.linalg.eigvals(ours).real).values
-        t_ref2, t_var, _, var = alternate(lambda: hogsvd.s_pi_pairwise(mats, 1e-2),
-                                          lambda: s_pi_batched_cholesky(mats, 1e-2), reps)
-        t_ref += t_ref2
-        rows.append(dict(
-            section="hogsvd", benchmark=f"HO-GSVD S_π, N={count}, n={n} (batched Cholesky variant)",
-            reference="s_pi_pairwise (N inverses, N(N−1) products)",
-            ours="benchmark-local: identity + batched Grams + Cholesky inverses",
-            ref_median_s=statistics.median(t_ref), ours_median_s=statistics.median(t_var),
-            ratio=statistics.median(t_ref) / statistics.median(t_var), reps=reps, max_rel_err=rel(var, ref),
-            ref_times_s=[round(t, 4) for t in t_ref], ours_times_s=[round(t, 4) for t in t_var],
-            load_before=l0, load_after=load(),
-        ))
         rows.append(dict(
             section="hogsvd", benchmark=f"HO-GSVD S_π, N={count}, n={n} (float64)",
-            reference="s_pi_pairwise (N inverses, N(N−1) products)", ours="s_pi (identity: 1 product)",
+            reference="s_pi_pairwise (N inverses, N(N−1) products)", ours="s_pi (identity, batched Grams, Cholesky inverses)",
             ref_median_s=statistics.median(t_ref), ours_median_s=statistics.median(t_ours),
             ratio=statistics.median(t_ref) / statistics.median(t_ours), reps=reps,
             max_rel_err=rel(ours, ref), eigenvalue_max_rel_err=float(((ev_ours - ev_ref).abs() / ev_ref.abs()).max()),

@@ -117,6 +117,23 @@ def rank_vs_accuracy(points: pd.DataFrame, x: str = "stable_rank", y: str = "nor
     return fig
 
 
+def expert_accuracies(experts: pd.DataFrame):
+    """Per task: chance, zero-shot and fine-tuned test accuracy (from :func:`subboost.zoo.report.expert_table`)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8.0, 3.6))
+    x = range(len(experts))
+    ax.bar([i - 0.2 for i in x], 100 * experts.zeroshot, width=0.4, label="zero-shot (base)")
+    ax.bar([i + 0.2 for i in x], 100 * experts.finetuned, width=0.4, label="fine-tuned (expert)")
+    ax.scatter(list(x), 100 * experts.chance, marker="_", s=120, color="black", label="chance", zorder=3)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(experts.task, rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("task")
+    ax.set_ylabel("test accuracy [%]")
+    ax.set_ylim(0, 105)
+    ax.legend(ncol=3, fontsize=8, loc="lower right")
+    return fig
+
+
 def results_vs_n(long: pd.DataFrame, value: str = "normalized_accuracy", methods: Sequence[str] | None = None):
     """Merged accuracy against the number of merged experts, one line per method."""
     plt = _plt()

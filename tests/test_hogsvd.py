@@ -67,6 +67,26 @@ def test_s_pi_identity_equals_pairwise_sum(n_mat):
         np.testing.assert_allclose(s_pi(mats, pi).numpy(), s_pi_pairwise(mats, pi).numpy(), rtol=1e-10, atol=1e-10)
 
 
+def test_s_pi_batched_same_shape_route_equals_pairwise_sum():
+    """Same-shape inputs take the batched, block-symmetric Gram path (n ≥ 256 uses 2 blocks)."""
+    rng = np.random.default_rng(7)
+    mats = [rand(rng, 280, 260) for _ in range(4)]
+    np.testing.assert_allclose(s_pi(mats, 1e-2).numpy(), s_pi_pairwise(mats, 1e-2).numpy(), rtol=1e-9, atol=1e-9)
+    # independent float64 numpy reference of Eq. 31-32
+    a = [np.asarray(m, dtype=np.float64) for m in mats]
+    tot = sum(x.T @ x for x in a)
+    d = [x.T @ x + 1e-2 * tot for x in a]
+    ref = sum(d[i] @ np.linalg.inv(d[j]) for i in range(4) for j in range(4) if i != j) / 12
+    np.testing.assert_allclose(s_pi(mats, 1e-2).numpy(), ref, rtol=1e-8, atol=1e-8)
+
+
+def test_s_pi_singular_gram_raises():
+    rng = np.random.default_rng(8)
+    low_rank = rand(rng, 3, 6)  # 3 rows, 6 columns: A_0ᵀA_0 is singular
+    with pytest.raises(torch.linalg.LinAlgError):
+        s_pi([low_rank, rand(rng, 3, 6)], 0.0)
+
+
 @pytest.mark.parametrize("n_mat", [2, 3, 4, 7])
 def test_qr_route_matches_naive_s_pi_eigenvectors(n_mat):
     """V holds eigenvectors of the textbook S_π (Eq. 31), with eigenvalues λ = ((1+Nπ)τ − 1)/(N−1)."""

@@ -87,7 +87,11 @@ def test_model_config_has_vit_b_32_key_names(tmp_path):
     keys = set(model.state_dict())
     assert "visual.transformer.resblocks.0.attn.in_proj_weight" in keys
     assert cfg.model_name in open_clip.list_models()
-    ref = open_clip.create_model("ViT-B-32", pretrained=None)
+    # ViT-B-32's own config with small sizes: key names do not depend on widths
+    ref_cfg = open_clip.get_model_config("ViT-B-32")
+    ref_cfg["vision_cfg"].update(width=64, layers=cfg.layers)
+    ref_cfg["text_cfg"].update(width=64, layers=1, vocab_size=100)
+    ref = open_clip.CLIP(**ref_cfg)
 
     def strip_deep(k: str, layers: int) -> bool:
         m = re.search(r"resblocks\.(\d+)\.", k)
@@ -110,7 +114,7 @@ def test_heads_are_normalised_averages_times_logit_scale(tmp_path):
     spec = get_task("Shapes")
     head = build_head(model, tok, spec.classnames, spec.templates)
     assert head.shape == (8, cfg.embed_dim)
-    scale = float(model.logit_scale.exp())
+    scale = float(model.logit_scale.exp().detach())
     assert torch.allclose(head.norm(dim=1), torch.full((8,), scale), rtol=1e-5)
     with torch.no_grad():
         e = model.encode_text(tok(spec.prompts()[2]))
@@ -124,7 +128,7 @@ def test_heads_are_normalised_averages_times_logit_scale(tmp_path):
 def smoke_zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
     start = time.perf_counter()
-    out = build("smoke", root=root, device="cpu", progress=False)
+    out = build("smoke", root=root, device="cpu", progress=False, workers=2)  # experts in 2 processes
     return root, out, time.perf_counter() - start
 
 
@@ -179,6 +183,18 @@ def test_resume_after_interruption_gives_the_same_expert(smoke_zoo):
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
 
 
+def test_prefetched_pretraining_batches_are_the_same_batches():
+    from subboost.zoo.train import pretraining_batches
+
+    inline = list(pretraining_batches(3, 8, seed=5, image_size=32, workers=0))
+    ahead = list(pretraining_batches(3, 8, seed=5, image_size=32, workers=1))
+    other = next(iter(pretraining_batches(1, 8, seed=6, image_size=32, workers=0)))
+    assert len(ahead) == 3
+    for (xa, ca), (xb, cb) in zip(inline, ahead):
+        assert torch.equal(xa, xb) and ca == cb
+    assert not torch.equal(inline[0][0], other[0])
+
+
 def test_config_hash_names_the_folder():
     a = get_config("smoke")
     b = get_config("smoke", seed=1)
@@ -191,7 +207,7 @@ def test_config_hash_names_the_folder():
 def test_rebuild_from_scratch_gives_the_same_numbers(smoke_zoo, tmp_path):
     _, out, _ = smoke_zoo
     cfg = get_config("smoke")
-    again = build("smoke", root=tmp_path, device="cpu", progress=False)
+    again = build("smoke", root=tmp_path, device="cpu", progress=False, workers=1)  # experts in sequence
     for rel in (f"{cfg.tasks[0]}Val/nonlinear_zeroshot.pt", f"{cfg.tasks[0]}Val/nonlinear_finetuned.pt",
                 f"head_{cfg.tasks[1]}Val.pt"):
         a = load_state_dict(out / cfg.model_name / rel)
@@ -200,3 +216,14 @@ def test_rebuild_from_scratch_gives_the_same_numbers(smoke_zoo, tmp_path):
     acc_a = json.loads((out / cfg.model_name / "nonlinear_ft_accuracies.json").read_text())
     acc_b = json.loads((again / cfg.model_name / "nonlinear_ft_accuracies.json").read_text())
     assert acc_a == pytest.approx(acc_b, abs=1e-9)
+
+
+def test_cli_path_and_build_no_op(smoke_zoo, capsys):
+    from subboost.zoo.__main__ import main
+
+    root, out, _ = smoke_zoo
+    assert main(["path", "--profile", "smoke", "--root", str(root)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert main(["build", "--profile", "smoke", "--root", str(root), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert str(out) in text and "mean zero-shot" in text

@@ -1,4 +1,9 @@
-"""``python -m subboost.zoo build --profile P --root DIR [--device auto|cpu|cuda]``."""
+"""The zoo's command line::
+
+    python -m subboost.zoo build  --profile P [--root DIR] [--device auto|cpu|cuda] [--workers K]
+    python -m subboost.zoo report --profile P [--root DIR] [--task-counts 8 20]
+    python -m subboost.zoo path   --profile P [--root DIR]
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--root", default=None, help="cache root (default: $SUBBOOST_ZOO_ROOT or ./zoo_cache)")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--workers", type=int, default=None,
+                   help="expert processes (default: one per core, at most 2, on CPU; 1 on a GPU)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r = sub.add_parser("report", help="measure a built zoo against its design targets (experts, interference)")
+    r.add_argument("--profile", default="ci", choices=sorted(PROFILES))
+    r.add_argument("--root", default=None)
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    r.add_argument("--task-counts", type=int, nargs="+", default=[8, 20], help="merge sizes (default: 8 20)")
+    r.add_argument("--no-merge", action="store_true", help="skip the merging (interference) part")
     p = sub.add_parser("path", help="print the folder a profile builds into")
     p.add_argument("--profile", default="ci", choices=sorted(PROFILES))
     p.add_argument("--root", default=None)
@@ -26,13 +39,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "path":
         print(zoo_dir(get_config(args.profile), args.root))
         return 0
+    if args.command == "report":
+        return _report(args)
     start = time.perf_counter()
     out = build(args.profile, root=args.root, device=args.device, threads=args.threads,
-                progress=not args.no_progress, log=lambda m: print(m, flush=True))
+                progress=not args.no_progress, log=lambda m: print(m, flush=True), workers=args.workers)
     summary = json.loads((out / "build.json").read_text())
     print(f"zoo: {out}")
     print(f"mean zero-shot {summary['mean_zeroshot_test']:.3f}, mean fine-tuned {summary['mean_finetuned_test']:.3f}; "
           f"build {summary['timings'].get('total_s', 0):.0f}s (this call {time.perf_counter() - start:.0f}s)")
+    return 0
+
+
+def _report(args) -> int:
+    import pandas as pd
+
+    from subboost.zoo import load_suite
+    from subboost.zoo.report import zoo_report
+
+    config = get_config(args.profile)
+    folder = zoo_dir(config, args.root)
+    try:
+        suite = load_suite(config, root=args.root, device=args.device, build_if_missing=False, progress=False)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    counts = sorted(set(args.task_counts))
+    rep = zoo_report(suite, folder, task_counts=counts, shared=min(counts), interference=not args.no_merge,
+                     progress=True)
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 3):
+        print(f"zoo: {folder}\n")
+        print(rep.experts.to_string(index=False), "\n")
+        if rep.interference is not None:
+            print(rep.interference.to_string(index=False), "\n")
+        print(rep.checks().to_string(index=False))
     return 0
 
 

@@ -23,7 +23,9 @@ import hashlib
 import json
 import os
 import platform
+import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -33,11 +35,12 @@ from tqdm.auto import tqdm
 
 from subboost.checkpoints import atomic_path, load_state_dict, save_state_dict
 from subboost.evaluate import resolve_device
+from subboost.release import save_task_data
 from subboost.zoo import tasks as T
 from subboost.zoo.model import WordTokenizer, build_head, create_model, model_config
 from subboost.zoo.train import finetune, predict, pretrain, torch_settings
 
-ZOO_FORMAT = 1  # bump when the generated data or the training code change the results
+ZOO_FORMAT = 2  # bump when the generated data or the training code change the results
 
 
 @dataclass(frozen=True)
@@ -55,23 +58,25 @@ class ZooConfig:
     head_width: int = 32
     embed_dim: int = 128
     text_width: int = 128
-    text_layers: int = 3
+    text_layers: int = 2
     context_length: int = 24
     # pretraining (contrastive, captions)
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 1500
     pretrain_batch: int = 128
     pretrain_lr: float = 1e-3
     pretrain_warmup: int = 100
+    pretrain_logit_scale: float = 100.0
     # experts (image tower, head frozen)
     finetune_steps: int = 150
     finetune_batch: int = 64
     finetune_lr: float = 5e-4
     finetune_warmup: int = 15
-    weight_decay: float = 0.1
+    finetune_weight_decay: float = 0.01
+    pretrain_weight_decay: float = 0.1
     # data
     n_train: int = 4096
-    n_val: int = 200
-    n_test: int = 400
+    n_val: int = 128
+    n_test: int = 256
     format: int = ZOO_FORMAT
 
     @property
@@ -133,7 +138,7 @@ def default_root() -> Path:
 
 def zoo_dir(config: ZooConfig, root: str | Path | None = None) -> Path:
     """The cache folder of a config: ``{root}/{profile}-{hash}``."""
-    return Path(root if root is not None else default_root()) / config.dirname()
+    return (Path(root) if root else default_root()) / config.dirname()
 
 
 def is_built(config: ZooConfig, root: str | Path | None = None) -> bool:
@@ -171,6 +176,50 @@ def register(config: ZooConfig, directory: Path) -> str:
     return config.model_name
 
 
+def _expert_line(task: str, rec: dict) -> str:
+    return (f"{task:14s} zero-shot {rec[f'zeroshot:{task}']:.3f}  fine-tuned {rec[f'finetuned:{task}']:.3f}"
+            f"  ({rec.get('seconds', 0):.0f}s)")
+
+
+def train_expert(config: ZooConfig, out: Path, task: str, device: str = "cpu", progress: bool = False) -> dict:
+    """Fine-tune, save and score one expert of a zoo whose base and heads are saved in ``out``.
+
+    Self-contained (it reloads the base and the head from disk), so that experts can train in
+    parallel processes; writes ``{task}Val/nonlinear_finetuned.pt`` (+ .safetensors) and
+    ``{task}Val/accuracy.json`` and returns the accuracy record.
+    """
+    name = register(config, out)
+    mdir = out / name
+    model = create_model(name, architecture(config), out / "model_configs")
+    model.load_state_dict(load_state_dict(mdir / f"{config.tasks[0]}Val" / "nonlinear_zeroshot.pt"))
+    model.eval()
+    head = load_state_dict(mdir / f"head_{task}Val.pt")["weight"]
+    t1 = time.perf_counter()
+    xtr, ytr = T.generate(task, config.n_train, "train", config.seed, config.image_size)
+    state = finetune(model, head, xtr, ytr, steps=config.finetune_steps, batch_size=config.finetune_batch,
+                     lr=config.finetune_lr, weight_decay=config.finetune_weight_decay,
+                     warmup=config.finetune_warmup, seed=config.seed * 1000 + T.TASK_NAMES.index(task),
+                     device=device, progress=progress, desc=task)
+    _save_both(state, mdir / f"{task}Val" / "nonlinear_finetuned.pt")
+    expert = create_model(name, architecture(config), out / "model_configs")
+    expert.load_state_dict(state)
+    rec = {}
+    for split, n in (("val", config.n_val), ("test", config.n_test)):
+        x, y = T.generate(task, n, split, config.seed, config.image_size)
+        key = task if split == "test" else f"{task}Val"
+        rec[f"zeroshot:{key}"] = float((predict(model.visual, head, x) == y).float().mean())
+        rec[f"finetuned:{key}"] = float((predict(expert.visual, head, x) == y).float().mean())
+    rec["seconds"] = time.perf_counter() - t1
+    _write_json(mdir / f"{task}Val" / "accuracy.json", rec)
+    return rec
+
+
+def default_workers(device: torch.device | str) -> int:
+    """Expert processes for a build: one per core (at most 2, the budgeted machine) on CPU,
+    one on a GPU."""
+    return 1 if str(device).startswith("cuda") else max(1, min(2, os.cpu_count() or 1))
+
+
 def build(
     profile: str | ZooConfig = "ci",
     root: str | Path | None = None,
@@ -178,18 +227,22 @@ def build(
     threads: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Build (or find) a zoo and return its folder.
 
     ``threads`` sets torch's CPU threads during the build (default: torch's own choice, one
     per core; the ``ci`` budget was measured with 2). ``log`` receives one line per finished piece
-    (the CLI prints them); the library itself prints nothing.
+    (the CLI prints them); the library itself prints nothing. ``workers`` processes fine-tune
+    the experts in parallel (default :func:`default_workers`), and on a machine with two or more
+    cores a second process renders the pretraining batches; neither changes the result.
     """
     config = get_config(profile)
     out = zoo_dir(config, root)
     if (out / "build.json").is_file():
         return out
     dev = resolve_device(device)
+    workers = default_workers(dev) if workers is None else int(workers)
     say = log or (lambda _msg: None)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", config.to_json())
@@ -209,9 +262,10 @@ def build(
         else:
             t0 = time.perf_counter()
             losses = pretrain(model, tok, steps=config.pretrain_steps, batch_size=config.pretrain_batch,
-                              lr=config.pretrain_lr, weight_decay=config.weight_decay,
+                              lr=config.pretrain_lr, weight_decay=config.pretrain_weight_decay,
                               warmup=config.pretrain_warmup, image_size=config.image_size, seed=config.seed,
-                              device=dev, progress=progress)
+                              init_logit_scale=config.pretrain_logit_scale, device=dev, progress=progress,
+                              data_workers=1 if (os.cpu_count() or 1) >= 2 else 0)
             model.to("cpu")
             _save_both(model.state_dict(), base_file)
             timings["pretrain_s"] = time.perf_counter() - t0
@@ -219,50 +273,46 @@ def build(
             say(f"base: pretrained {config.pretrain_steps} steps in {timings['pretrain_s']:.0f}s, "
                 f"loss {sum(losses[:10]) / 10:.3f} -> {sum(losses[-10:]) / 10:.3f}")
         model.to("cpu").eval()
+        t0 = time.perf_counter()
+        jobs = []
+        for task in config.tasks:
+            spec = T.get_task(task)
+            head = build_head(model, tok, spec.classnames, spec.templates)
+            _save_both({"weight": head}, mdir / f"head_{task}Val.pt")
+            for split, n in (("val", config.n_val), ("test", config.n_test)):
+                x, y = T.generate(task, n, split, config.seed, config.image_size)
+                save_task_data(out / "data", task, split, x, y, classnames=spec.classnames)
+            acc_file = mdir / f"{task}Val" / "accuracy.json"
+            if (mdir / f"{task}Val" / "nonlinear_finetuned.pt").is_file() and acc_file.is_file():
+                say(_expert_line(task, json.loads(acc_file.read_text())))
+            else:
+                jobs.append(task)
+        n_workers = max(1, min(workers, len(jobs)))
+        bar = tqdm(total=len(jobs), desc="experts", disable=not progress)
+        if n_workers == 1:
+            for task in jobs:
+                bar.set_postfix(task=task)
+                say(_expert_line(task, train_expert(config, out, task, str(dev), progress)))
+                bar.update()
+        else:  # one process per core, one thread each; every expert has its own seed
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=torch.set_num_threads,
+                                     initargs=(1,)) as pool:
+                futures = {pool.submit(train_expert, config, out, task, "cpu", False): task for task in jobs}
+                for fut in as_completed(futures):
+                    bar.set_postfix(task=futures[fut])
+                    say(_expert_line(futures[fut], fut.result()))
+                    bar.update()
+        bar.close()
         ft_acc: dict[str, float] = {}
         zs_acc: dict[str, float] = {}
-        t0 = time.perf_counter()
-        bar = tqdm(list(enumerate(config.tasks)), desc="experts", disable=not progress)
-        for i, task in bar:
-            bar.set_postfix(task=task)
-            spec = T.get_task(task)
-            head_file = mdir / f"head_{task}Val.pt"
-            head = build_head(model, tok, spec.classnames, spec.templates)
-            _save_both({"weight": head}, head_file)
-            data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            for split, n in (("val", config.n_val), ("test", config.n_test)):
-                from subboost.release import save_task_data
-
-                data[split] = T.generate(task, n, split, config.seed, config.image_size)
-                save_task_data(out / "data", task, split, *data[split], classnames=spec.classnames)
-            expert_file = mdir / f"{task}Val" / "nonlinear_finetuned.pt"
-            acc_file = mdir / f"{task}Val" / "accuracy.json"
-            if expert_file.is_file() and acc_file.is_file():
-                rec = json.loads(acc_file.read_text())
-            else:
-                t1 = time.perf_counter()
-                xtr, ytr = T.generate(task, config.n_train, "train", config.seed, config.image_size)
-                state = finetune(model, head, xtr, ytr, steps=config.finetune_steps, batch_size=config.finetune_batch,
-                                 lr=config.finetune_lr, weight_decay=config.weight_decay,
-                                 warmup=config.finetune_warmup, seed=config.seed * 1000 + T.TASK_NAMES.index(task),
-                                 device=dev, progress=progress, desc=task)
-                _save_both(state, expert_file)
-                expert = create_model(name, architecture(config), out / "model_configs")
-                expert.load_state_dict(state)
-                rec = {}
-                for split, (x, y) in data.items():
-                    key = task if split == "test" else f"{task}Val"
-                    rec[f"zeroshot:{key}"] = float((predict(model.visual, head, x) == y).float().mean())
-                    rec[f"finetuned:{key}"] = float((predict(expert.visual, head, x) == y).float().mean())
-                rec["seconds"] = time.perf_counter() - t1
-                _write_json(acc_file, rec)
+        for task in config.tasks:
+            rec = json.loads((mdir / f"{task}Val" / "accuracy.json").read_text())
             for k, v in rec.items():
                 if k.startswith("zeroshot:"):
                     zs_acc[k.split(":", 1)[1]] = v
                 elif k.startswith("finetuned:"):
                     ft_acc[k.split(":", 1)[1]] = v
-            say(f"{task:14s} zero-shot {rec[f'zeroshot:{task}']:.3f}  fine-tuned {rec[f'finetuned:{task}']:.3f}"
-                f"  ({rec.get('seconds', 0):.0f}s)")
         timings["experts_s"] = time.perf_counter() - t0
     _write_json(mdir / "nonlinear_ft_accuracies.json", ft_acc)
     _write_json(mdir / "zeroshot_accuracies.json", zs_acc)

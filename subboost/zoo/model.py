@@ -26,8 +26,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from subboost.evaluate import CLIP_MEAN, CLIP_STD  # one definition for the zoo and real releases
 
 _WORD_RE = re.compile(r"[a-z0-9]+")
 

@@ -357,6 +357,7 @@ def sample_digits(digits: Tensor, split: str, gen: torch.Generator) -> Tensor:
     return out
 
 
+@lru_cache(maxsize=4)
 def rune_prototypes(count: int = 10, strokes: int = 3, seed: int = 20250607) -> Tensor:
     """``(count, strokes, 4)`` stroke endpoints of a fixed alphabet of glyphs unseen in pretraining.
 

@@ -57,6 +57,40 @@ def _param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: fl
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def _as_is(batch):
+    return batch
+
+
+class _PretrainingStream(torch.utils.data.IterableDataset):
+    """The pretraining batches of one seeded generator, in order (a DataLoader source)."""
+
+    def __init__(self, steps: int, batch_size: int, seed: int, image_size: int) -> None:
+        self.steps, self.batch_size, self.seed, self.image_size = steps, batch_size, seed, image_size
+
+    def __iter__(self) -> Iterator[tuple[Tensor, list[str]]]:
+        gen = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.steps):
+            with _single_thread():
+                yield pretraining_batch(self.batch_size, gen, size=self.image_size)
+
+
+def pretraining_batches(steps: int, batch_size: int, seed: int, image_size: int,
+                        workers: int = 0) -> Iterator[tuple[Tensor, list[str]]]:
+    """The ``steps`` pretraining batches drawn from a generator seeded with ``seed``.
+
+    With ``workers=1`` they are rendered ahead in a DataLoader worker process (one thread), so
+    that on a machine with two cores rendering (about half of a CPU step) overlaps with
+    training. The batches are the same either way: one generator makes the same calls in the
+    same order.
+    """
+    stream = _PretrainingStream(steps, batch_size, seed, image_size)
+    if workers <= 0:
+        return iter(stream)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4,
+                                         collate_fn=_as_is)
+    return iter(loader)
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
     """Linear warm-up then cosine decay to zero (the schedule of the task-vector papers)."""
     if step < warmup:
@@ -76,22 +110,30 @@ def pretrain(
     warmup: int = 50,
     image_size: int = 32,
     seed: int = 0,
+    init_logit_scale: float | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    data_workers: int = 0,
 ) -> list[float]:
     """Contrastive (CLIP) pretraining on :func:`~subboost.zoo.tasks.pretraining_batch` captions.
 
-    Symmetric InfoNCE over image and text embeddings, learnable temperature clamped at 100.
-    Returns the loss per step.
+    Symmetric InfoNCE over image and text embeddings, learnable logit scale clamped at 100
+    (CLIP's bound). ``init_logit_scale`` overrides open_clip's initial value 1/0.07: a real
+    CLIP ends its long training at the bound, and the heads inherit the scale, so a short
+    schedule starts where the real one ends. ``data_workers=1`` renders the batches in a
+    second process (:func:`pretraining_batches`; same batches, same result). Returns the loss
+    per step.
     """
-    gen = torch.Generator().manual_seed(int(seed) * 7 + 1)
+    if init_logit_scale is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(float(init_logit_scale)))
     model.to(device).train()
     opt = torch.optim.AdamW(_param_groups(list(model.named_parameters()), weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     losses: list[float] = []
     bar = tqdm(range(steps), desc="pretrain", disable=not progress, leave=False)
-    for step in bar:
+    batches = pretraining_batches(steps, batch_size, int(seed) * 7 + 1, image_size, workers=data_workers)
+    for step, (images, captions) in zip(bar, batches):
         with _single_thread():
-            images, captions = pretraining_batch(batch_size, gen, size=image_size)
             tokens = tokenizer(captions)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup)
