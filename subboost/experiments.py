@@ -139,8 +139,13 @@ def evaluate_variant(suite: Suite, tasks: Sequence[str], variant: Variant,
 def results_table(suite: Suite, task_counts: Iterable[int], variants: Sequence[Variant] = TABLE1_VARIANTS,
                   alpha_grid: Sequence[float] | None = None, progress: bool = True) -> pd.DataFrame:
     """Long table (method, n_tasks, accuracy, normalized_accuracy, alpha, ...) for the variants,
-    plus zero-shot and fine-tuned reference rows."""
+    plus zero-shot and fine-tuned reference rows.
+
+    ``first_normalized_accuracy`` is the normalised accuracy (percent) on the first
+    min(task_counts) tasks only, the tasks every merge contains: it isolates interference
+    (what adding experts costs the tasks already merged) from the changing task mix."""
     subsets = task_subsets(suite, task_counts)
+    first = subsets[min(subsets)]
     rows = []
     jobs = [(n, v) for n in subsets for v in variants]
     cache: dict[int, dict] = {}
@@ -149,9 +154,14 @@ def results_table(suite: Suite, task_counts: Iterable[int], variants: Sequence[V
             cache.clear()  # keep one set of task vectors in memory
             cache[n] = suite.task_vectors(subsets[n])
         row = evaluate_variant(suite, subsets[n], variant, cache[n], alpha_grid)
-        row.pop("per_task")
+        per_task = row.pop("per_task")
+        row["first_normalized_accuracy"] = 100 * float(per_task[per_task.task.isin(first)].normalized_accuracy.mean())
         rows.append(row)
-    return pd.concat([reference_rows(suite, task_counts), pd.DataFrame(rows)], ignore_index=True)
+    ref = reference_rows(suite, task_counts)
+    ref["first_normalized_accuracy"] = [100 * sum(getattr(suite, f"{m}_accuracy")(t) / suite.finetuned_accuracy(t)
+                                                  for t in first) / len(first)
+                                        for m in ref.method.map({"Zero-shot": "zeroshot", "Fine-tuned": "finetuned"})]
+    return pd.concat([ref, pd.DataFrame(rows)], ignore_index=True)
 
 
 def pivot_results(long: pd.DataFrame, value: str = "accuracy") -> pd.DataFrame:

@@ -19,19 +19,17 @@ since each expert is trained from its own seed, ends with the same result.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
-from subboost.checkpoints import atomic_path, load_state_dict, save_state_dict
+from subboost.checkpoints import load_state_dict, save_state_dict
 from subboost.evaluate import resolve_device
 from subboost.langzoo import tasks as T
 from subboost.langzoo.model import (
@@ -45,13 +43,14 @@ from subboost.langzoo.model import (
     tokenize,
 )
 from subboost.langzoo.train import block_state, finetune, predict, torch_settings
+from subboost.zoo.build import HashedConfig, _write_json, default_root  # shared with the vision zoo
 
 LANGZOO_FORMAT = 3  # bump when the generated data or the training code change the results
 DIR_PREFIX = "lang"
 
 
 @dataclass(frozen=True)
-class LangZooConfig:
+class LangZooConfig(HashedConfig):
     """Everything that determines a language zoo (its hash names the cache folder)."""
 
     profile: str = "ci"
@@ -74,17 +73,7 @@ class LangZooConfig:
     n_test: int = 128
     format: int = LANGZOO_FORMAT
 
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["tasks"] = list(self.tasks)
-        return d
-
-    def digest(self) -> str:
-        """Short SHA-256 of the config (its JSON with sorted keys)."""
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:12]
-
-    def dirname(self) -> str:
-        return f"{DIR_PREFIX}-{self.profile}-{self.digest()}"
+    DIR_PREFIX: ClassVar[str] = f"{DIR_PREFIX}-"
 
 
 PROFILES: dict[str, LangZooConfig] = {
@@ -117,14 +106,6 @@ def get_config(profile: str | LangZooConfig, **overrides) -> LangZooConfig:
     return cfg
 
 
-def default_root() -> Path:
-    """``$SUBBOOST_ZOO_ROOT`` if set, else ``zoo_cache/`` in the repository root (git-ignored)."""
-    env = os.environ.get("SUBBOOST_ZOO_ROOT")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "zoo_cache"
-
-
 def zoo_dir(config: LangZooConfig, root: str | Path | None = None) -> Path:
     """The cache folder of a config: ``{root}/lang-{profile}-{hash}``."""
     return Path(root if root is not None else default_root()) / config.dirname()
@@ -132,11 +113,6 @@ def zoo_dir(config: LangZooConfig, root: str | Path | None = None) -> Path:
 
 def is_built(config: LangZooConfig, root: str | Path | None = None) -> bool:
     return (zoo_dir(config, root) / "build.json").is_file()
-
-
-def _write_json(path: Path, data: object) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def first_trained_block(config: LangZooConfig, blocks: int = 6) -> int:

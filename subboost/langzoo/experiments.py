@@ -1,15 +1,15 @@
 """Results tables on the language suite (the chapter's Table 2 analogue).
 
-:func:`evaluate_variant` and :func:`results_table` are those of :mod:`subboost.experiments`
-with one difference: the α tuning is the suite's own ``tune_and_test`` method when it has one
-(the language suite does), else :func:`subboost.evaluate.tune_and_test`. Merging, LiNeS' b
-selection on validation, the reference rows and the row format are unchanged.
+:func:`results_table` is that of :mod:`subboost.experiments` (whose :func:`evaluate_variant`
+tunes α with the suite's own ``tune_and_test``, as the language suite has one), plus the
+per-task accuracies; merging, LiNeS' b selection on validation, the reference rows and the row
+format are unchanged.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import pandas as pd
 from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
@@ -17,7 +17,6 @@ from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 from subboost import experiments as ex
 from subboost.langzoo import tasks as T
 from subboost.langzoo.suite import LanguageSuite
-from subboost.taskvector import StateDict
 
 SMOKE_TASK_COUNTS = (2, 3)
 
@@ -33,34 +32,9 @@ TABLE2_VARIANTS = (
 PAPER_ROW_FOR = {"SB": "TA+LiNeS+SB"}  # TABLE2_T5 label -> our row
 
 
-def _tune(suite: ex.Suite):
-    method = getattr(suite, "tune_and_test", None)
-    if callable(method):
-        return method
-    from subboost.evaluate import tune_and_test
-
-    return lambda delta, tasks, alphas: tune_and_test(suite, delta, tasks, alphas)
-
-
-def evaluate_variant(suite: ex.Suite, tasks: Sequence[str], variant: ex.Variant,
-                     vectors: Mapping[str, StateDict] | None = None,
-                     alpha_grid: Sequence[float] | None = None) -> dict:
-    """:func:`subboost.experiments.evaluate_variant`, tuning α with the suite's own protocol."""
-    tune = _tune(suite)
-    vectors = vectors if vectors is not None else suite.task_vectors(tasks)
-    alphas = tuple(alpha_grid) if alpha_grid is not None else variant.alphas()
-    best = None
-    for b in (variant.lines_b_grid or (None,)):
-        delta, seconds = ex.merge_variant(vectors, variant, lines_b=b)
-        alpha, test_df, sweep_df = tune(delta, tasks, alphas)
-        val_score = float(sweep_df.loc[sweep_df.alpha == alpha, "normalized_accuracy"].mean())
-        if best is None or val_score > best[0]:
-            best = (val_score, alpha, b, test_df, seconds)
-    _, alpha, b, test_df, seconds = best
-    return dict(method=variant.label, n_tasks=len(tasks), accuracy=100 * float(test_df.accuracy.mean()),
-                normalized_accuracy=100 * float(test_df.normalized_accuracy.mean()), alpha=alpha,
-                alpha_at_edge=len(alphas) > 1 and alpha in (min(alphas), max(alphas)),
-                lines_b=float("nan") if b is None else b, merge_seconds=seconds, per_task=test_df)
+#: :func:`subboost.experiments.evaluate_variant` already tunes α with the suite's own
+#: ``tune_and_test`` when it has one (the language suite does)
+evaluate_variant = ex.evaluate_variant
 
 
 def results_table(suite: ex.Suite, task_counts: Iterable[int], variants: Sequence[ex.Variant] = TABLE2_VARIANTS,

@@ -8,10 +8,7 @@ mode) and batches come from a seeded generator, so a build is deterministic on o
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import math
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,31 +16,7 @@ from torch import Tensor
 from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
 from subboost.langzoo.model import BLOCK_PREFIX, encode_from
-
-
-@contextlib.contextmanager
-def torch_settings(threads: int | None = 1, deterministic: bool = True) -> Iterator[None]:
-    """Set torch's intra-op thread count and deterministic algorithms; restore both on exit."""
-    old_threads = torch.get_num_threads()
-    old_det = torch.are_deterministic_algorithms_enabled()
-    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        if threads:
-            torch.set_num_threads(int(threads))
-        if deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
-
-
-def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up then cosine decay to zero."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress)) * base
+from subboost.zoo.train import cosine_lr, torch_settings  # noqa: F401  (one definition for both zoos)
 
 
 def block_state(blocks: torch.nn.ModuleList, first: int) -> dict[str, Tensor]:

@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -43,8 +43,28 @@ from subboost.zoo.train import finetune, predict, pretrain, torch_settings
 ZOO_FORMAT = 2  # bump when the generated data or the training code change the results
 
 
+class HashedConfig:
+    """What the zoos' frozen config dataclasses share: their JSON form, its hash, and the cache
+    folder it names (``{DIR_PREFIX}{profile}-{hash}``)."""
+
+    DIR_PREFIX: ClassVar[str] = ""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["tasks"] = list(self.tasks)
+        return d
+
+    def digest(self) -> str:
+        """Short SHA-256 of the config (its JSON with sorted keys)."""
+        text = json.dumps(self.to_json(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def dirname(self) -> str:
+        return f"{self.DIR_PREFIX}{self.profile}-{self.digest()}"
+
+
 @dataclass(frozen=True)
-class ZooConfig:
+class ZooConfig(HashedConfig):
     """Everything that determines a zoo (its hash names the cache folder)."""
 
     profile: str = "ci"
@@ -83,19 +103,6 @@ class ZooConfig:
     def model_name(self) -> str:
         """open_clip config name of the zoo's architecture."""
         return f"ZooViT-W{self.width}-L{self.layers}-P{self.patch_size}-I{self.image_size}"
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["tasks"] = list(self.tasks)
-        return d
-
-    def digest(self) -> str:
-        """Short SHA-256 of the config (its JSON with sorted keys)."""
-        text = json.dumps(self.to_json(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-    def dirname(self) -> str:
-        return f"{self.profile}-{self.digest()}"
 
 
 PROFILES: dict[str, ZooConfig] = {

@@ -1,0 +1,45 @@
+"""Results tables: the row format and the first-tasks (interference) column, on a stub suite
+whose accuracies are set by hand."""
+
+import pandas as pd
+import pytest
+import torch
+
+from subboost import experiments as ex
+
+
+class StubSuite:
+    """Three tasks; a merge of N tasks scores task t at normalised accuracy 1 − 0.1·(N − 1)
+    on the first task and 0.9 elsewhere; the experts' own accuracy is 0.8, zero-shot 0.4."""
+
+    task_names = ["A", "B", "C"]
+
+    def task_vectors(self, tasks):
+        return {t: {"w": torch.ones(2, 2) * (i + 1)} for i, t in enumerate(tasks)}
+
+    def finetuned_accuracy(self, task, split="test"):
+        return 0.8
+
+    def zeroshot_accuracy(self, task, split="test"):
+        return 0.4
+
+    def tune_and_test(self, delta, tasks, alphas):
+        n = len(tasks)
+        norm = [1 - 0.1 * (n - 1) if t == "A" else 0.9 for t in tasks]
+        test = pd.DataFrame(dict(task=list(tasks), accuracy=[0.8 * x for x in norm], normalized_accuracy=norm))
+        sweep = pd.DataFrame(dict(alpha=[alphas[0]] * n, task=list(tasks), normalized_accuracy=norm))
+        return alphas[0], test, sweep
+
+
+def test_results_table_first_tasks_column():
+    long = ex.results_table(StubSuite(), [2, 3], [ex.Variant("TA", "ta", alpha_grid=(0.5,))], progress=False)
+    ta = long[long.method == "TA"].set_index("n_tasks")
+    # the first min(task_counts) = 2 tasks are A and B
+    assert ta.loc[2, "first_normalized_accuracy"] == pytest.approx(100 * (0.9 + 0.9) / 2)
+    assert ta.loc[3, "first_normalized_accuracy"] == pytest.approx(100 * (0.8 + 0.9) / 2)
+    assert ta.loc[3, "normalized_accuracy"] == pytest.approx(100 * (0.8 + 0.9 + 0.9) / 3)
+    zs = long[long.method == "Zero-shot"].set_index("n_tasks")
+    assert zs.loc[3, "first_normalized_accuracy"] == pytest.approx(50.0)
+    ft = long[long.method == "Fine-tuned"].set_index("n_tasks")
+    assert ft.loc[2, "first_normalized_accuracy"] == pytest.approx(100.0)
+    assert set(long.method) == {"Zero-shot", "Fine-tuned", "TA"}
