@@ -238,8 +238,10 @@ def build(
 ) -> Path:
     """Build (or find) a zoo and return its folder.
 
-    ``threads`` sets torch's CPU threads during the build (default: torch's own choice, one
-    per core; the ``ci`` budget was measured with 2). ``log`` receives one line per finished piece
+    ``threads`` sets torch's CPU threads during the build (default: one per core, whatever the
+    caller set, e.g. the book's one-thread kernels; the ``ci`` budget was measured with 2 cores:
+    pretraining with 2 threads while a second process renders its batches, then the experts in
+    2 one-thread processes). ``log`` receives one line per finished piece
     (the CLI prints them); the library itself prints nothing. ``workers`` processes fine-tune
     the experts in parallel (default :func:`default_workers`), and on a machine with two or more
     cores a second process renders the pretraining batches; neither changes the result.
@@ -259,7 +261,9 @@ def build(
     mdir = out / name
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    with torch_settings(threads):
+    build_threads = int(threads) if threads else (os.cpu_count() or 1)
+    n_workers = 1
+    with torch_settings(build_threads):
         # ---- base
         base_file = mdir / f"{config.tasks[0]}Val" / "nonlinear_zeroshot.pt"
         model = create_model(name, architecture(config), out / "model_configs", seed=config.seed)
@@ -328,7 +332,7 @@ def build(
                 "total": sum(v.numel() for v in model.state_dict().values())}
     summary = {
         "config": config.to_json(), "model": name, "timings": timings, "parameters": n_params,
-        "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "device": str(dev), "threads": build_threads, "expert_workers": n_workers, "torch": torch.__version__,
         "platform": platform.platform(),
         "mean_zeroshot_test": sum(zs_acc[t] for t in config.tasks) / len(config.tasks),
         "mean_finetuned_test": sum(ft_acc[t] for t in config.tasks) / len(config.tasks),
