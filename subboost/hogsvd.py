@@ -399,23 +399,31 @@ def s_pi(matrices: Sequence[Tensor], pi: float = 1e-2) -> Tensor:
     Σ_{i≠j} D_i D_j⁻¹ = (Σ_i D_i)(Σ_j D_j⁻¹) − N·I: N Cholesky inverses and one product
     instead of N(N−1) products.
 
-    The Gram matrices are formed once, batched when the A_i share a shape, using their
-    symmetry (:func:`subboost.boost._gram`); Σ_i D_i = (1 + Nπ)·AᵀA comes for free; the D_j
-    are symmetric positive definite for π > 0, so their inverses go through Cholesky (about a
-    third of the flops of an LU inverse). Same caveats as :func:`s_pi_pairwise`: a singular
+    The Gram matrices are formed once, using their symmetry (:func:`subboost.boost._gram`),
+    in one buffer that then holds the D_j and their Cholesky factors; Σ_i D_i = (1 + Nπ)·AᵀA
+    comes for free; the D_j are symmetric positive definite for π > 0, so their inverses go
+    through Cholesky (about half the flops of an LU inverse). Same caveats as :func:`s_pi_pairwise`: a singular
     D_j (π = 0 with a rank-deficient A_j) raises ``torch.linalg.LinAlgError``."""
     from subboost.boost import _gram
 
     pi = _check_pi(pi, allow_zero=True)
     mats = _as_matrices(matrices, torch.float64)
     n_mat, n = len(mats), mats[0].shape[1]
-    if len({tuple(m.shape) for m in mats}) == 1:
-        grams = _gram(torch.stack(mats), True, torch.float64)
-    else:
-        grams = torch.stack([_gram(m.unsqueeze(0), True, torch.float64)[0] for m in mats])
-    total = grams.sum(0)  # AᵀA
-    d = grams + pi * total
-    inv_sum = torch.cholesky_inverse(torch.linalg.cholesky(d)).sum(0)
+    # one n × n buffer per matrix, reused: Gram → D_j (in place) → its Cholesky factor
+    d = torch.empty(n_mat, n, n, dtype=torch.float64, device=mats[0].device)
+    for j, m in enumerate(mats):
+        d[j] = _gram(m.unsqueeze(0), True, torch.float64)[0]
+    total = d.sum(0)  # AᵀA
+    d.add_(total, alpha=pi)
+    info = torch.empty(n_mat, dtype=torch.int32, device=d.device)
+    torch.linalg.cholesky_ex(d, out=(d, info))
+    if bool((info != 0).any()):
+        j = int((info != 0).nonzero()[0])
+        raise torch.linalg.LinAlgError(f"s_pi: D_{j} = A_{j}ᵀA_{j} + π·AᵀA is not positive definite (π = {pi})")
+
+    inv_sum = torch.zeros(n, n, dtype=torch.float64, device=d.device)
+    for j in range(n_mat):
+        inv_sum += torch.cholesky_inverse(d[j])
     eye = torch.eye(n, dtype=total.dtype, device=total.device)
     return ((1.0 + n_mat * pi) * total @ inv_sum - n_mat * eye) / (n_mat * (n_mat - 1))
 
