@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Mapping, Protocol, Sequence
 
 import pandas as pd
@@ -321,6 +322,33 @@ def ablation_table(suite: Suite, task_counts: Iterable[int], variants: Sequence[
 def beside_paper(ours: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
     """Our wide table next to the paper's (rows matched by method label; missing rows stay blank)."""
     return ours.join(paper, how="left")
+
+
+def run_benchmarks(out_dir: str | Path, sections: Sequence[str] = ("sb", "hogsvd"), quick: bool = True,
+                   threads: int | None = None, timeout_s: float = 1800) -> pd.DataFrame:
+    """Run ``benchmarks/run.py`` (issue 6: fast routes against their references at the real
+    ViT-B/32 sizes, one run, alternating) in a fresh process and return its table.
+
+    The script lives in the repository, not in the installed package: outside a checkout this
+    raises ``FileNotFoundError`` naming the path it looked for. Results are written to
+    ``out_dir/benchmarks.csv`` (and ``.json``)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script}: the benchmark script comes with the repository checkout, "
+                                "not with the installed package")
+    out_dir = Path(out_dir)
+    cmd = [sys.executable, str(script), "--sections", *sections, "--out", str(out_dir), "--name", "benchmarks"]
+    if quick:
+        cmd.append("--quick")
+    if threads:
+        cmd += ["--threads", str(int(threads))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return pd.read_csv(out_dir / "benchmarks.csv")
 
 
 def time_merges(vectors: Mapping[str, StateDict], variants: Sequence[Variant], repeats: int = 3) -> pd.DataFrame:

@@ -43,3 +43,15 @@ def test_results_table_first_tasks_column():
     ft = long[long.method == "Fine-tuned"].set_index("n_tasks")
     assert ft.loc[2, "first_normalized_accuracy"] == pytest.approx(100.0)
     assert set(long.method) == {"Zero-shot", "Fine-tuned", "TA"}
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs_and_reports_accuracy(tmp_path):
+    """benchmarks/run.py through the book's helper: a table with the reference, ours and the
+    largest relative error (timings are reported, never asserted)."""
+    table = ex.run_benchmarks(tmp_path, sections=("hogsvd",))
+    assert set(table.section) == {"hogsvd"}
+    assert len(table) == 2  # quick: N = 8 and 20
+    assert (table.max_rel_err < 1e-10).all() and (table.eigenvalue_max_rel_err < 1e-8).all()
+    assert (table.ref_median_s > 0).all() and (table.ours_median_s > 0).all()
+    assert (tmp_path / "benchmarks.json").is_file()
