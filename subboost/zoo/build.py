@@ -241,7 +241,8 @@ def build(
     ``threads`` sets torch's CPU threads during the build (default: one per core, whatever the
     caller set, e.g. the book's one-thread kernels; the ``ci`` budget was measured with 2 cores:
     pretraining with 2 threads while a second process renders its batches, then the experts in
-    2 one-thread processes). ``log`` receives one line per finished piece
+    2 one-thread processes). On the CPU experts always train with one thread, so a sequential,
+    parallel or resumed build gives the same experts. ``log`` receives one line per finished piece
     (the CLI prints them); the library itself prints nothing. ``workers`` processes fine-tune
     the experts in parallel (default :func:`default_workers`), and on a machine with two or more
     cores a second process renders the pretraining batches; neither changes the result.
@@ -301,10 +302,13 @@ def build(
         n_workers = max(1, min(workers, len(jobs)))
         bar = tqdm(total=len(jobs), desc="experts", disable=not progress)
         if n_workers == 1:
-            for task in jobs:
-                bar.set_postfix(task=task)
-                say(_expert_line(task, train_expert(config, out, task, str(dev), progress)))
-                bar.update()
+            # on the CPU one thread, as in the parallel workers: the same expert whichever way
+            # it is trained (float sums depend on the thread count)
+            with torch_settings(1 if dev.type == "cpu" else None):
+                for task in jobs:
+                    bar.set_postfix(task=task)
+                    say(_expert_line(task, train_expert(config, out, task, str(dev), progress)))
+                    bar.update()
         else:  # one process per core, one thread each; every expert has its own seed
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=torch.set_num_threads,
