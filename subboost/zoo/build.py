@@ -299,7 +299,8 @@ def build(
                 say(_expert_line(task, json.loads(acc_file.read_text())))
             else:
                 jobs.append(task)
-        n_workers = max(1, min(workers, len(jobs)))
+        # parallel experts on the CPU only (a GPU is shared by one process; forking after CUDA is unsafe)
+        n_workers = max(1, min(workers, len(jobs))) if dev.type == "cpu" else 1
         bar = tqdm(total=len(jobs), desc="experts", disable=not progress)
         if n_workers == 1:
             # on the CPU one thread, as in the parallel workers: the same expert whichever way
