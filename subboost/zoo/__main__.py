@@ -65,7 +65,7 @@ def _report(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     counts = sorted(set(args.task_counts))
-    rep = zoo_report(suite, folder, task_counts=counts, shared=min(counts), interference=not args.no_merge,
+    rep = zoo_report(suite, folder, task_counts=counts, interference=not args.no_merge,
                      progress=True)
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 3):
         print(f"zoo: {folder}\n")

@@ -39,31 +39,20 @@ def expert_table(suite, split: str = "test") -> pd.DataFrame:
     return df
 
 
-def interference_table(suite, task_counts: Sequence[int] = (8, 20), shared: int = 8,
-                       boost_beta: float | None = 0.0, alpha_grid: Sequence[float] | None = REPORT_ALPHAS,
-                       progress: bool = False) -> pd.DataFrame:
+def interference_table(suite, task_counts: Sequence[int] = (8, 20), boost_beta: float | None = 0.0,
+                       alpha_grid: Sequence[float] | None = REPORT_ALPHAS, progress: bool = False) -> pd.DataFrame:
     """Task Arithmetic (and TA+SB when ``boost_beta`` is not None) merged over the first N tasks
     for each N, α chosen on validation, scored on the test splits: normalised accuracy on the
-    first ``shared`` tasks (the same tasks for every N) and on all N tasks, in percent."""
-    from tqdm.auto import tqdm
-
-    from subboost.experiments import Variant, evaluate_variant
+    first min(task_counts) tasks (the same tasks for every N) and on all N tasks, in percent
+    (:func:`subboost.experiments.results_table`)."""
+    from subboost.experiments import Variant, results_table
 
     variants = [Variant("TA", "ta")] + ([Variant("TA+SB", "ta", boost_beta=boost_beta)] if boost_beta is not None else [])
-    names = list(suite.task_names)
-    if shared > min(task_counts):
-        raise ValueError(f"shared={shared} must not exceed the smallest task count {min(task_counts)}")
-    rows = []
-    for n in tqdm(list(task_counts), desc="interference", disable=not progress):
-        vectors = suite.task_vectors(names[:n])
-        for v in variants:
-            row = evaluate_variant(suite, names[:n], v, vectors, alpha_grid)
-            per_task = row.pop("per_task")
-            first = per_task[per_task.task.isin(names[:shared])]
-            rows.append(dict(method=v.label, n_tasks=n, alpha=row["alpha"],
-                             shared_normalized_accuracy=100 * float(first.normalized_accuracy.mean()),
-                             normalized_accuracy=row["normalized_accuracy"], accuracy=row["accuracy"]))
-    return pd.DataFrame(rows)
+    long = results_table(suite, task_counts, variants, alpha_grid=alpha_grid, progress=progress)
+    long = long[long.method.isin([v.label for v in variants])]
+    long = long.rename(columns={"first_normalized_accuracy": "shared_normalized_accuracy"})
+    return long[["method", "n_tasks", "alpha", "shared_normalized_accuracy", "normalized_accuracy", "accuracy"]] \
+        .reset_index(drop=True)
 
 
 @dataclass
@@ -93,9 +82,9 @@ class ZooReport:
         return pd.DataFrame(rows, columns=["check", "measured", "target", "met"])
 
 
-def zoo_report(suite, folder: str | Path, task_counts: Sequence[int] = (8, 20), shared: int = 8,
+def zoo_report(suite, folder: str | Path, task_counts: Sequence[int] = (8, 20),
                interference: bool = True, progress: bool = False) -> ZooReport:
     """The report of the zoo built in ``folder`` (its ``build.json``) loaded as ``suite``."""
     build = json.loads((Path(folder) / "build.json").read_text())
-    inter = interference_table(suite, task_counts, shared, progress=progress) if interference else None
+    inter = interference_table(suite, task_counts, progress=progress) if interference else None
     return ZooReport(build=build, experts=expert_table(suite), interference=inter)
