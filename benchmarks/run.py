@@ -13,8 +13,9 @@ repetition), reporting medians, the ratio of medians and the largest relative er
    relative Frobenius norms per matrix, against the reference and against a float64 SVD.
 2. ``hogsvd``: S_π of the HO-GSVD (paper Eq. 31-32) for N = 8, 14, 20 task matrices of
    768 × 768: :func:`subboost.hogsvd.s_pi_pairwise` (N(N−1) products) against
-   :func:`subboost.hogsvd.s_pi` (Σ_{i≠j} D_i D_j⁻¹ = (Σ D_i)(Σ D_j⁻¹) − N·I, batched
-   block-symmetric Grams, Cholesky inverses).
+   :func:`subboost.hogsvd.s_pi` (Σ_{i≠j} D_i D_j⁻¹ = (Σ D_i)(Σ D_j⁻¹) − N·I; on the CPU
+   LAPACK's symmetric kernels: ``syrk`` Grams, ``potrf`` + ``potri`` inverses, upper triangles
+   only), and in the same loop its ``route="torch"`` (batched torch kernels, the GPU route).
 3. ``stream``: TA + SB merge of N ViT-B/32-size experts (synthetic safetensors checkpoints of
    the visual tower, 351 MB each, written to ``--workdir``): ``subboost merge`` (streaming)
    against loading every checkpoint (``load_state_dict`` + ``merge`` + ``apply_task_vector``),
@@ -85,26 +86,28 @@ def machine() -> dict[str, Any]:
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
 
 
+def alternate_many(fns: dict[str, Callable[[], Any]], reps: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Time every function ``reps`` times, rotating which goes first each repetition (and
+    reversing the order every other one); returns the seconds and the last result per name."""
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    results: dict[str, Any] = {}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        if rep % 2:
+            order.reverse()
+        for name in order:
+            start = time.perf_counter()
+            results[name] = fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times, results
+
+
 def alternate(ref: Callable[[], Any], ours: Callable[[], Any], reps: int) -> tuple[list[float], list[float], Any, Any]:
     """Time ``ref`` and ``ours`` ``reps`` times each, alternating which goes first; returns
     both lists of seconds and the last result of each."""
-    t_ref, t_ours = [], []
-    out_ref = out_ours = None
-    for rep in range(reps):
-        order = [("ref", ref), ("ours", ours)]
-        if rep % 2:
-            order.reverse()
-        for label, fn in order:
-            start = time.perf_counter()
-            result = fn()
-            elapsed = time.perf_counter() - start
-            if label == "ref":
-                t_ref.append(elapsed)
-                out_ref = result
-            else:
-                t_ours.append(elapsed)
-                out_ours = result
-    return t_ref, t_ours, out_ref, out_ours
+    times, results = alternate_many({"ref": ref, "ours": ours}, reps)
+    return times["ref"], times["ours"], results["ref"], results["ours"]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -186,6 +189,9 @@ def bench_sb(reps: int, betas: list[float], truth: bool) -> list[dict]:
 
 
 def bench_hogsvd(reps: int, counts: list[int], n: int = 768) -> list[dict]:
+    """S_π at N = ``counts``: the pairwise reference against ``s_pi`` (route ``auto``: LAPACK's
+    symmetric kernels on the CPU) and, in the same alternating loop, ``s_pi(route="torch")``
+    (batched torch kernels, the route a GPU takes), reported in the same row."""
     from subboost import hogsvd
 
     rows = []
@@ -194,17 +200,25 @@ def bench_hogsvd(reps: int, counts: list[int], n: int = 768) -> list[dict]:
     for count in counts:
         mats = pool[:count]
         l0 = load()
-        t_ref, t_ours, ref, ours = alternate(lambda: hogsvd.s_pi_pairwise(mats, 1e-2),
-                                             lambda: hogsvd.s_pi(mats, 1e-2), reps)
+        times, results = alternate_many({
+            "ref": lambda: hogsvd.s_pi_pairwise(mats, 1e-2),
+            "ours": lambda: hogsvd.s_pi(mats, 1e-2),
+            "torch": lambda: hogsvd.s_pi(mats, 1e-2, route="torch"),
+        }, reps)
+        ref, ours = results["ref"], results["ours"]
         ev_ref = torch.sort(torch.linalg.eigvals(ref).real).values
         ev_ours = torch.sort(torch.linalg.eigvals(ours).real).values
+        med = {k: statistics.median(v) for k, v in times.items()}
         rows.append(dict(
             section="hogsvd", benchmark=f"HO-GSVD S_π, N={count}, n={n} (float64)",
-            reference="s_pi_pairwise (N inverses, N(N−1) products)", ours="s_pi (identity, batched Grams, Cholesky inverses)",
-            ref_median_s=statistics.median(t_ref), ours_median_s=statistics.median(t_ours),
-            ratio=statistics.median(t_ref) / statistics.median(t_ours), reps=reps,
+            reference="s_pi_pairwise (N inverses, N(N−1) products)",
+            ours="s_pi (identity; syrk Grams, potrf + potri inverses, upper triangles)",
+            ref_median_s=med["ref"], ours_median_s=med["ours"], ratio=med["ref"] / med["ours"], reps=reps,
             max_rel_err=rel(ours, ref), eigenvalue_max_rel_err=float(((ev_ours - ev_ref).abs() / ev_ref.abs()).max()),
-            ref_times_s=[round(t, 4) for t in t_ref], ours_times_s=[round(t, 4) for t in t_ours],
+            torch_route_median_s=med["torch"], torch_route_ratio=med["ref"] / med["torch"],
+            torch_route_max_rel_err=rel(results["torch"], ref),
+            ref_times_s=[round(t, 4) for t in times["ref"]], ours_times_s=[round(t, 4) for t in times["ours"]],
+            torch_route_times_s=[round(t, 4) for t in times["torch"]],
             load_before=l0, load_after=load(),
         ))
     return rows
@@ -389,6 +403,9 @@ def print_table(rows: list[dict]) -> None:
             extra = {k: r[k] for k in ("max_rel_err_ref_vs_float64", "max_rel_err_ours_vs_float64", "eigenvalue_max_rel_err") if k in r}
             if extra:
                 print("    " + ", ".join(f"{k} {v:.2e}" for k, v in extra.items()) + f"; ours: {r['ours']}")
+            if "torch_route_ratio" in r:
+                print(f"    route='torch' (batched torch kernels): {r['torch_route_median_s']:.3f} s, "
+                      f"{r['torch_route_ratio']:.2f}x, max rel err {r['torch_route_max_rel_err']:.2e}")
     mem = [r for r in rows if "peak_rss_gib" in r]
     if mem:
         print(f"\n{'merge':40} {'approach':58} {'peak RSS GiB':>12} {'seconds':>8}")

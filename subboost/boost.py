@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from subboost.taskvector import LAYER_TYPES, StateDict, parse_block_key, select_block_keys
+from subboost.taskvector import LAYER_TYPES, StateDict, all_finite, parse_block_key, select_block_keys
 
 
 def _check_beta(beta: float, name: str = "beta") -> float:
@@ -132,7 +132,7 @@ def _check_matrix(matrix: Tensor, name: str) -> None:
         raise ValueError(f"{name}: Subspace Boosting needs a 2-D matrix, got shape {tuple(matrix.shape)}")
     if not matrix.is_floating_point():
         raise ValueError(f"{name}: Subspace Boosting needs a floating-point matrix, got {matrix.dtype}")
-    if not bool(torch.isfinite(matrix).all()):
+    if not all_finite(matrix):
         raise ValueError(f"{name}: matrix contains NaN or Inf values")
 
 

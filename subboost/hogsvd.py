@@ -65,6 +65,7 @@ singular values of the rebuilt matrix.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ import torch
 from torch import Tensor
 
 from subboost.boost import boost_singular_values
-from subboost.taskvector import LAYER_TYPES, StateDict, check_same_structure, is_zero, select_block_keys
+from subboost.taskvector import LAYER_TYPES, StateDict, all_finite, check_same_structure, is_zero, select_block_keys
 
 Solver = Literal["svd", "eigh"]
 
@@ -118,7 +119,7 @@ def _as_matrices(matrices: Sequence[Any], dtype: torch.dtype) -> list[Tensor]:
         if m.shape[0] == 0 or m.shape[1] == 0:
             raise ValueError(f"matrix {i}: empty matrix of shape {tuple(m.shape)}")
         m = m.detach().to(device=device, dtype=dtype)
-        if not bool(torch.isfinite(m).all()):
+        if not all_finite(m):
             raise ValueError(f"matrix {i}: contains NaN or Inf values")
         out.append(m)
     return out
@@ -394,22 +395,63 @@ def s_pi_pairwise(matrices: Sequence[Tensor], pi: float = 1e-2) -> Tensor:
     return acc / (n_mat * (n_mat - 1))
 
 
-def s_pi(matrices: Sequence[Tensor], pi: float = 1e-2) -> Tensor:
+def s_pi(
+    matrices: Sequence[Tensor], pi: float = 1e-2, *, route: Literal["auto", "lapack", "torch"] = "auto"
+) -> Tensor:
     """S_π of Eq. 31 in float64 through the identity
     Σ_{i≠j} D_i D_j⁻¹ = (Σ_i D_i)(Σ_j D_j⁻¹) − N·I: N Cholesky inverses and one product
-    instead of N(N−1) products.
+    instead of N(N−1) products. Σ_i D_i = (1 + Nπ)·AᵀA comes for free; the D_j are symmetric
+    positive definite for π > 0, so their inverses go through Cholesky (half the flops of an
+    LU inverse) and only one triangle of every Gram matrix and inverse is formed.
 
-    The Gram matrices are formed once, using their symmetry (:func:`subboost.boost._gram`),
-    in one buffer that then holds the D_j and their Cholesky factors; Σ_i D_i = (1 + Nπ)·AᵀA
-    comes for free; the D_j are symmetric positive definite for π > 0, so their inverses go
-    through Cholesky (about half the flops of an LU inverse). Same caveats as :func:`s_pi_pairwise`: a singular
-    D_j (π = 0 with a rank-deficient A_j) raises ``torch.linalg.LinAlgError``."""
+    route: ``"lapack"`` (CPU only) calls BLAS/LAPACK's symmetric kernels directly through
+        SciPy, one matrix at a time: ``syrk`` for the Grams, ``potrf`` + ``potri`` for the
+        inverses, upper triangles summed; ``"torch"`` runs batched torch kernels (any device);
+        ``"auto"`` takes ``"lapack"`` for CPU tensors when SciPy is installed. Both give S_π to
+        float64 rounding (tested against :func:`s_pi_pairwise`).
+
+    Same caveats as :func:`s_pi_pairwise`: a singular D_j (π = 0 with a rank-deficient A_j)
+    raises ``torch.linalg.LinAlgError`` naming j."""
+    if route not in ("auto", "lapack", "torch"):
+        raise ValueError(f"route must be 'auto', 'lapack' or 'torch', got {route!r}")
+    pi = _check_pi(pi, allow_zero=True)
+    first = matrices[0] if len(matrices) else None
+    device = first.device if isinstance(first, Tensor) else torch.device("cpu")
+    on_cpu = device.type == "cpu"
+    if route == "lapack" and not on_cpu:
+        raise ValueError(f"route='lapack' needs CPU tensors, got device {device}")
+    mats = _as_matrices(matrices, torch.float64)
+    if route == "auto":
+        route = "lapack" if on_cpu and _scipy_lapack() is not None else "torch"
+    n_mat, n = len(mats), mats[0].shape[1]
+    if route == "lapack":
+        total, inv_sum = _s_pi_terms_lapack(mats, pi)
+    else:
+        total, inv_sum = _s_pi_terms_torch(mats, pi)
+    out = total @ inv_sum
+    out.mul_((1.0 + n_mat * pi) / (n_mat * (n_mat - 1)))
+    out.diagonal().sub_(1.0 / (n_mat - 1))
+    return out
+
+
+def _not_pd(j: int, pi: float) -> torch.linalg.LinAlgError:
+    return torch.linalg.LinAlgError(f"s_pi: D_{j} = A_{j}ᵀA_{j} + π·AᵀA is not positive definite (π = {pi})")
+
+
+def _scipy_lapack() -> Any:
+    try:
+        from scipy.linalg import blas, lapack
+    except ImportError:  # scipy is optional for the library core
+        return None
+    return blas, lapack
+
+
+def _s_pi_terms_torch(mats: list[Tensor], pi: float) -> tuple[Tensor, Tensor]:
+    """AᵀA and Σ_j D_j⁻¹ with batched torch kernels: Grams (symmetry used, see
+    :func:`subboost.boost._gram`) in one buffer that then holds the D_j and their Cholesky factors."""
     from subboost.boost import _gram
 
-    pi = _check_pi(pi, allow_zero=True)
-    mats = _as_matrices(matrices, torch.float64)
     n_mat, n = len(mats), mats[0].shape[1]
-    # one n × n buffer per matrix, reused: Gram → D_j (in place) → its Cholesky factor
     d = torch.empty(n_mat, n, n, dtype=torch.float64, device=mats[0].device)
     for j, m in enumerate(mats):
         d[j] = _gram(m.unsqueeze(0), True, torch.float64)[0]
@@ -418,14 +460,60 @@ def s_pi(matrices: Sequence[Tensor], pi: float = 1e-2) -> Tensor:
     info = torch.empty(n_mat, dtype=torch.int32, device=d.device)
     torch.linalg.cholesky_ex(d, out=(d, info))
     if bool((info != 0).any()):
-        j = int((info != 0).nonzero()[0])
-        raise torch.linalg.LinAlgError(f"s_pi: D_{j} = A_{j}ᵀA_{j} + π·AᵀA is not positive definite (π = {pi})")
-
+        raise _not_pd(int((info != 0).nonzero()[0]), pi)
     inv_sum = torch.zeros(n, n, dtype=torch.float64, device=d.device)
     for j in range(n_mat):
         inv_sum += torch.cholesky_inverse(d[j])
-    eye = torch.eye(n, dtype=total.dtype, device=total.device)
-    return ((1.0 + n_mat * pi) * total @ inv_sum - n_mat * eye) / (n_mat * (n_mat - 1))
+    return total, inv_sum
+
+
+def _s_pi_terms_lapack(mats: list[Tensor], pi: float) -> tuple[Tensor, Tensor]:
+    """AᵀA and Σ_j D_j⁻¹ with SciPy's BLAS/LAPACK on upper triangles (Fortran order, no
+    copies of the inputs): ``syrk`` (half a product) per Gram, then per j D_j = G_j + π·AᵀA
+    in place, ``potrf`` and ``potri`` overwriting it. BLAS threads follow
+    ``torch.get_num_threads()`` while it runs (when threadpoolctl is installed)."""
+    blas, lapack = _scipy_lapack()
+    with _blas_threads(torch.get_num_threads()):
+        grams = []
+        total = None
+        for m in mats:
+            # syrk(a) = a·aᵀ; with a = A_jᵀ (Fortran-ordered view of a C-ordered A_j) that is A_jᵀA_j
+            g = blas.dsyrk(1.0, m.numpy().T, lower=0)
+            grams.append(g)
+            if total is None:
+                total = g.copy(order="F")
+            else:
+                total += g
+        inv_sum = np.zeros_like(total, order="F")
+        pi_total = pi * total
+        for j, g in enumerate(grams):
+            g += pi_total
+            c, info = lapack.dpotrf(g, lower=0, clean=1, overwrite_a=1)
+            if info != 0:
+                raise _not_pd(j, pi)
+            c, info = lapack.dpotri(c, lower=0, overwrite_c=1)
+            if info != 0:
+                raise _not_pd(j, pi)
+            inv_sum += c  # upper triangle; the lower one is zero (clean=1)
+            grams[j] = None
+    total_t = torch.from_numpy(np.ascontiguousarray(_symmetrise_upper(total)))
+    inv_t = torch.from_numpy(np.ascontiguousarray(_symmetrise_upper(inv_sum)))
+    return total_t, inv_t
+
+
+def _blas_threads(count: int) -> Any:
+    """Context limiting the BLAS libraries NumPy/SciPy use to ``count`` threads (a no-op
+    without threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=count, user_api="blas")
+
+
+def _symmetrise_upper(u: np.ndarray) -> np.ndarray:
+    """Full symmetric matrix from its upper triangle (the strictly lower part of ``u`` is zero)."""
+    return u + np.triu(u, 1).T
 
 
 # ---------------------------------------------------------------- orientation helper

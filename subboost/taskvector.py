@@ -131,10 +131,22 @@ def select_block_keys(
     return keys
 
 
+def all_finite(t: Tensor) -> bool:
+    """True when every entry of ``t`` is finite. Fast path: a NaN or ±Inf entry makes the sum
+    NaN or ±Inf whatever the summation order, so a finite sum proves every entry finite (one
+    reduction, no boolean copy); only a non-finite sum (a bad entry, or overflow) is checked
+    entry by entry."""
+    if not t.is_floating_point() and not t.is_complex():
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def check_finite(state: Mapping[str, Tensor], source: str = "state dict") -> None:
     """Raise ``ValueError`` naming the first key with a NaN or Inf value."""
     for key, value in state.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if value.is_floating_point() and not all_finite(value):
             raise ValueError(f"{source}: key '{key}' contains NaN or Inf values")
 
 
@@ -162,9 +174,9 @@ def task_vector(base: Mapping[str, Tensor], expert: Mapping[str, Tensor], name: 
             )
         if not b.is_floating_point():
             continue
-        if not bool(torch.isfinite(e).all()):
+        if not all_finite(e):
             raise ValueError(f"{name}: key '{key}' contains NaN or Inf values")
-        if not bool(torch.isfinite(b).all()):
+        if not all_finite(b):
             raise ValueError(f"base: key '{key}' contains NaN or Inf values")
         delta[key] = e.detach() - b.detach()
     return delta

@@ -53,5 +53,6 @@ def test_benchmark_script_runs_and_reports_accuracy(tmp_path):
     assert set(table.section) == {"hogsvd"}
     assert len(table) == 2  # quick: N = 8 and 20
     assert (table.max_rel_err < 1e-10).all() and (table.eigenvalue_max_rel_err < 1e-8).all()
+    assert (table.torch_route_max_rel_err < 1e-10).all()  # the batched torch (GPU) route too
     assert (table.ref_median_s > 0).all() and (table.ours_median_s > 0).all()
     assert (tmp_path / "benchmarks.json").is_file()

@@ -59,32 +59,80 @@ def check_decomposition(dec, mats, tol=1e-9):
 # ---------------------------------------------------------------- S_π references
 
 
+ROUTES = ["lapack", "torch"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("n_mat", [2, 3, 5, 8])
-def test_s_pi_identity_equals_pairwise_sum(n_mat):
+def test_s_pi_identity_equals_pairwise_sum(n_mat, route):
     rng = np.random.default_rng(n_mat)
     mats = [rand(rng, 9 + i, 6) for i in range(n_mat)]
     for pi in (0.0, 1e-2, 0.5):
-        np.testing.assert_allclose(s_pi(mats, pi).numpy(), s_pi_pairwise(mats, pi).numpy(), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(
+            s_pi(mats, pi, route=route).numpy(), s_pi_pairwise(mats, pi).numpy(), rtol=1e-10, atol=1e-10
+        )
 
 
-def test_s_pi_batched_same_shape_route_equals_pairwise_sum():
-    """Same-shape inputs take the batched, block-symmetric Gram path (n ≥ 256 uses 2 blocks)."""
-    rng = np.random.default_rng(7)
-    mats = [rand(rng, 280, 260) for _ in range(4)]
-    np.testing.assert_allclose(s_pi(mats, 1e-2).numpy(), s_pi_pairwise(mats, 1e-2).numpy(), rtol=1e-9, atol=1e-9)
-    # independent float64 numpy reference of Eq. 31-32
+def numpy_s_pi(mats, pi):
+    """Independent float64 numpy reference of Eq. 31-32 (N(N−1) products with inverses)."""
     a = [np.asarray(m, dtype=np.float64) for m in mats]
     tot = sum(x.T @ x for x in a)
-    d = [x.T @ x + 1e-2 * tot for x in a]
-    ref = sum(d[i] @ np.linalg.inv(d[j]) for i in range(4) for j in range(4) if i != j) / 12
-    np.testing.assert_allclose(s_pi(mats, 1e-2).numpy(), ref, rtol=1e-8, atol=1e-8)
+    d = [x.T @ x + pi * tot for x in a]
+    n = len(a)
+    return sum(d[i] @ np.linalg.inv(d[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
 
 
-def test_s_pi_singular_gram_raises():
+@pytest.mark.parametrize("route", ROUTES)
+def test_s_pi_same_shape_route_equals_numpy_reference(route):
+    """Same-shape inputs large enough for the torch route's block-symmetric Gram (n ≥ 256)."""
+    rng = np.random.default_rng(7)
+    mats = [rand(rng, 280, 260) for _ in range(4)]
+    ours = s_pi(mats, 1e-2, route=route).numpy()
+    np.testing.assert_allclose(ours, s_pi_pairwise(mats, 1e-2).numpy(), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(ours, numpy_s_pi(mats, 1e-2), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_s_pi_wide_scaled_and_non_contiguous_inputs(route):
+    """Wide A_i (m_i < n, singular Grams made definite by π), very different scales, a
+    transposed (non-contiguous) and a float32 input: same S_π as the numpy reference."""
+    rng = np.random.default_rng(11)
+    mats = [
+        torch.from_numpy(rng.standard_normal((5, 12))) * 1e3,
+        torch.from_numpy(rng.standard_normal((12, 20))).T,  # 20 × 12, non-contiguous view
+        torch.from_numpy(rng.standard_normal((7, 12))).float() * 1e-2,
+    ]
+    ref = numpy_s_pi([m.double().numpy() for m in mats], 0.05)
+    ours = s_pi(mats, 0.05, route=route)
+    assert ours.dtype == torch.float64 and ours.shape == (12, 12)
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-7, atol=1e-9 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_s_pi_singular_gram_raises(route):
     rng = np.random.default_rng(8)
-    low_rank = rand(rng, 3, 6)  # 3 rows, 6 columns: A_0ᵀA_0 is singular
-    with pytest.raises(torch.linalg.LinAlgError):
-        s_pi([low_rank, rand(rng, 3, 6)], 0.0)
+    full = rand(rng, 9, 6)
+    low_rank = rand(rng, 3, 6)  # 3 rows, 6 columns: A_1ᵀA_1 is singular
+    with pytest.raises(torch.linalg.LinAlgError, match="D_1"):
+        s_pi([full, low_rank], 0.0, route=route)
+
+
+def test_s_pi_route_checks():
+    rng = np.random.default_rng(9)
+    mats = [rand(rng, 7, 5) for _ in range(3)]
+    with pytest.raises(ValueError, match="route"):
+        s_pi(mats, 1e-2, route="fast")
+    with pytest.raises(ValueError, match="CPU"):
+        s_pi([m.to("meta") for m in mats], 1e-2, route="lapack")
+
+
+def test_s_pi_lapack_route_restores_blas_threads():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]
+    rng = np.random.default_rng(10)
+    s_pi([rand(rng, 8, 6) for _ in range(3)], 1e-2, route="lapack")
+    after = [d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]
+    assert before == after
 
 
 @pytest.mark.parametrize("n_mat", [2, 3, 4, 7])

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from subboost.taskvector import (
+    all_finite,
     apply_task_vector,
     layer_index,
     parse_block_key,
@@ -74,3 +75,21 @@ def test_transformers_bert_and_t5_keys():
     assert len(keys) == 2 * 6 + 2 * 10
     assert layer_index("decoder.block.1.layer.2.DenseReluDense.wo.weight") == ("decoder.block", 1)
     assert parse_block_key("decoder.block.1.layer.1.EncDecAttention.k.weight").layer_type == "attn"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_agrees_with_entrywise_check(dtype):
+    big = torch.finfo(dtype).max
+    cases = {
+        "finite": torch.tensor([1.0, -2.0, 3.5]),
+        "nan": torch.tensor([1.0, float("nan"), 3.0]),
+        "inf": torch.tensor([1.0, float("inf")]),
+        "-inf": torch.tensor([float("-inf"), 0.0]),
+        "inf and -inf": torch.tensor([float("inf"), float("-inf")]),
+        "sum overflows, entries finite": torch.tensor([big, big, big]),
+        "empty": torch.zeros(0),
+    }
+    for name, t in cases.items():
+        t = t.to(dtype)
+        assert all_finite(t) == bool(torch.isfinite(t).all()), name
+    assert all_finite(torch.tensor([1, 2, 3]))  # integers are always finite
