@@ -86,12 +86,27 @@ def machine() -> dict[str, Any]:
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
 
 
-def alternate_many(fns: dict[str, Callable[[], Any]], reps: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for queued kernels on ``device`` (a no-op on the CPU), so timings cover the work."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def alternate_many(fns: dict[str, Callable[[], Any]], reps: int,
+                   device: torch.device = torch.device("cpu")) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Time every function ``reps`` times, rotating which goes first each repetition (and
-    reversing the order every other one); returns the seconds and the last result per name."""
+    reversing the order every other one); returns the seconds and the last result per name.
+    On an accelerator every function first runs once untimed (library and kernel start-up) and
+    each timing ends with a device synchronisation."""
+    sync = synchronizer(device)
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
     results: dict[str, Any] = {}
+    if device.type != "cpu":
+        for name in names:
+            fns[name]()
+        sync()
     for rep in range(reps):
         order = names[rep % len(names):] + names[:rep % len(names)]
         if rep % 2:
@@ -99,14 +114,16 @@ def alternate_many(fns: dict[str, Callable[[], Any]], reps: int) -> tuple[dict[s
         for name in order:
             start = time.perf_counter()
             results[name] = fns[name]()
+            sync()
             times[name].append(time.perf_counter() - start)
     return times, results
 
 
-def alternate(ref: Callable[[], Any], ours: Callable[[], Any], reps: int) -> tuple[list[float], list[float], Any, Any]:
+def alternate(ref: Callable[[], Any], ours: Callable[[], Any], reps: int,
+              device: torch.device = torch.device("cpu")) -> tuple[list[float], list[float], Any, Any]:
     """Time ``ref`` and ``ours`` ``reps`` times each, alternating which goes first; returns
     both lists of seconds and the last result of each."""
-    times, results = alternate_many({"ref": ref, "ours": ours}, reps)
+    times, results = alternate_many({"ref": ref, "ours": ours}, reps, device)
     return times["ref"], times["ours"], results["ref"], results["ours"]
 
 
@@ -151,18 +168,18 @@ def vit_b32_task_vector(seed: int = 0, layers: int = VIT_B32_LAYERS) -> dict[str
             for l in range(layers) for name, shape in VIT_B32_BLOCK.items()}
 
 
-def bench_sb(reps: int, betas: list[float], truth: bool) -> list[dict]:
-    tv = vit_b32_task_vector()
+def bench_sb(reps: int, betas: list[float], truth: bool, device: torch.device = torch.device("cpu")) -> list[dict]:
+    tv = {k: v.to(device) for k, v in vit_b32_task_vector().items()}
     rows = []
     truth_cache: dict[tuple[str, float], torch.Tensor] = {}
     for beta in betas:
         l0 = load()
         t_ref, t_ours, (ref, _), (ours, rep) = alternate(
             lambda: boost_task_vector_with_report(tv, beta, route="svd"),
-            lambda: boost_task_vector_with_report(tv, beta, route="auto"), reps)
+            lambda: boost_task_vector_with_report(tv, beta, route="auto"), reps, device)
         errs = [rel(ours[k], ref[k]) for k in tv]
         row = dict(
-            section="sb", benchmark=f"SB β={beta:g}, ViT-B/32 task vector ({len(tv)} matrices)",
+            section="sb", device=str(device), benchmark=f"SB β={beta:g}, ViT-B/32 task vector ({len(tv)} matrices)",
             reference="route=svd (Alg. 1, float32 SVD)", ours="route=auto (" + ", ".join(
                 f"{n} {r}" for r, n in rep["route"].value_counts().items()) + ")",
             ref_median_s=statistics.median(t_ref), ours_median_s=statistics.median(t_ours),
@@ -188,7 +205,7 @@ def bench_sb(reps: int, betas: list[float], truth: bool) -> list[dict]:
 # ----------------------------------------------------------------------------- 2. HO-GSVD
 
 
-def bench_hogsvd(reps: int, counts: list[int], n: int = 768) -> list[dict]:
+def bench_hogsvd(reps: int, counts: list[int], n: int = 768, device: torch.device = torch.device("cpu")) -> list[dict]:
     """S_π at N = ``counts``: the pairwise reference against ``s_pi`` (route ``auto``: LAPACK's
     symmetric kernels on the CPU) and, in the same alternating loop, ``s_pi(route="torch")``
     (batched torch kernels, the route a GPU takes), reported in the same row."""
@@ -196,7 +213,7 @@ def bench_hogsvd(reps: int, counts: list[int], n: int = 768) -> list[dict]:
 
     rows = []
     gen = torch.Generator().manual_seed(1)
-    pool = [realistic_matrix(n, n, gen, n_tasks=1).double() for _ in range(max(counts))]
+    pool = [realistic_matrix(n, n, gen, n_tasks=1).double().to(device) for _ in range(max(counts))]
     for count in counts:
         mats = pool[:count]
         l0 = load()
@@ -204,19 +221,19 @@ def bench_hogsvd(reps: int, counts: list[int], n: int = 768) -> list[dict]:
             "ref": lambda: hogsvd.s_pi_pairwise(mats, 1e-2),
             "ours": lambda: hogsvd.s_pi(mats, 1e-2),
             "torch": lambda: hogsvd.s_pi(mats, 1e-2, route="torch"),
-        }, reps)
-        ref, ours = results["ref"], results["ours"]
+        }, reps, device)
+        ref, ours = results["ref"].cpu(), results["ours"].cpu()
         ev_ref = torch.sort(torch.linalg.eigvals(ref).real).values
         ev_ours = torch.sort(torch.linalg.eigvals(ours).real).values
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append(dict(
-            section="hogsvd", benchmark=f"HO-GSVD S_π, N={count}, n={n} (float64)",
+            section="hogsvd", device=str(device), benchmark=f"HO-GSVD S_π, N={count}, n={n} (float64)",
             reference="s_pi_pairwise (N inverses, N(N−1) products)",
             ours="s_pi (identity; syrk Grams, potrf + potri inverses, upper triangles)",
             ref_median_s=med["ref"], ours_median_s=med["ours"], ratio=med["ref"] / med["ours"], reps=reps,
             max_rel_err=rel(ours, ref), eigenvalue_max_rel_err=float(((ev_ours - ev_ref).abs() / ev_ref.abs()).max()),
             torch_route_median_s=med["torch"], torch_route_ratio=med["ref"] / med["torch"],
-            torch_route_max_rel_err=rel(results["torch"], ref),
+            torch_route_max_rel_err=rel(results["torch"].cpu(), ref),
             ref_times_s=[round(t, 4) for t in times["ref"]], ours_times_s=[round(t, 4) for t in times["ours"]],
             torch_route_times_s=[round(t, 4) for t in times["torch"]],
             load_before=l0, load_after=load(),
@@ -442,25 +459,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="results folder")
     parser.add_argument("--name", default=None, help="file stem of the results (default timings or timings_quick)")
+    parser.add_argument("--device", default="cpu",
+                        help="device for the sb and hogsvd sections (e.g. cuda, cuda:1); stream always runs on the CPU")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; on a machine shared with other jobs, "
                              "1 avoids stalls of multi-threaded LAPACK calls)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine (torch {torch.__version__})")
     reps = args.reps or (3 if args.quick else 5)
     betas = args.betas or ([0.0] if args.quick else [0.0, 0.02])
     info = machine()
-    info.update(load_start=load(), quick=args.quick, reps=reps)
+    info.update(load_start=load(), quick=args.quick, reps=reps, device=str(device))
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
           f"load {info['load_start']:.2f}", flush=True)
     rows: list[dict] = []
     if "sb" in args.sections:
-        rows += bench_sb(reps, betas, truth=not args.no_truth)
+        rows += bench_sb(reps, betas, truth=not args.no_truth, device=device)
         print_table([r for r in rows if r["section"] == "sb"])
     if "hogsvd" in args.sections:
         counts = [8, 20] if args.quick else [8, 14, 20]
-        rows += bench_hogsvd(max(2, reps - 1) if args.quick else reps, counts)
+        rows += bench_hogsvd(max(2, reps - 1) if args.quick else reps, counts, device=device)
         print_table([r for r in rows if r["section"] == "hogsvd"])
     if "stream" in args.sections:
         n = args.experts or (4 if args.quick else 20)

@@ -325,12 +325,13 @@ def beside_paper(ours: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_benchmarks(out_dir: str | Path, sections: Sequence[str] = ("sb", "hogsvd"), quick: bool = True,
-                   threads: int | None = None, timeout_s: float = 1800) -> pd.DataFrame:
+                   threads: int | None = None, device: str = "cpu", timeout_s: float = 1800) -> pd.DataFrame:
     """Run ``benchmarks/run.py`` (issue 6: fast routes against their references at the real
     ViT-B/32 sizes, one run, alternating) in a fresh process and return its table.
 
     The script lives in the repository, not in the installed package: outside a checkout this
-    raises ``FileNotFoundError`` naming the path it looked for. Results are written to
+    raises ``FileNotFoundError`` naming the path it looked for. ``device`` (``cpu``, ``cuda``)
+    is where the sb and hogsvd sections run. Results are written to
     ``out_dir/benchmarks.csv`` (and ``.json``)."""
     import subprocess
     import sys
@@ -345,6 +346,7 @@ def run_benchmarks(out_dir: str | Path, sections: Sequence[str] = ("sb", "hogsvd
         cmd.append("--quick")
     if threads:
         cmd += ["--threads", str(int(threads))]
+    cmd += ["--device", str(device)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"{script} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
