@@ -56,6 +56,7 @@ from subboost.boost import boost_task_vector_with_report
 from subboost.checkpoints import atomic_path
 from subboost.merging import METHODS, get_method, lines_scales
 from subboost.taskvector import (
+    all_finite,
     apply_task_vector,
     is_projection_matrix,
     parse_block_key,
@@ -653,21 +654,16 @@ class _Plan:
         Same rules as :func:`subboost.taskvector.task_vector` (Δ = θi − θ0 in the promoted
         dtype, NaN/Inf rejected naming the file and key), with the base checked once."""
         b = self.base.read(key, rows).to(self.device)
-        if not _all_finite(b):
+        if not all_finite(b):
             raise InputError(f"base ({self.base.path}): key '{key}' contains NaN or Inf values")
         out = []
         for reader, name in zip(self.experts, self.names):
             e = reader.read(key, rows).to(self.device)
-            if not _all_finite(e):
+            if not all_finite(e):
                 raise InputError(f"expert '{name}' ({reader.path}): key '{key}' contains NaN or Inf values")
             out.append(e - b)
             del e
         return out
-
-
-def _all_finite(t: Tensor) -> bool:
-    """One reduction: the largest magnitude is finite iff every entry is (NaN propagates)."""
-    return t.numel() == 0 or math.isfinite(float(t.detach().abs().amax()))
 
 
 def _progress(total: int, desc: str, enabled: bool, unit: str = "tensor") -> Any:
