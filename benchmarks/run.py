@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from subboost.boost import boost_singular_values, boost_task_vector_with_report  # noqa: E402
-from subboost.checkpoints import atomic_path  # noqa: E402
+from subboost.io import atomic_path  # noqa: E402
 
 VIT_B32_BLOCK = {
     "attn.in_proj_weight": (2304, 768),
@@ -326,7 +326,7 @@ _CLI_RUNNER = _PEAK + textwrap.dedent("""
 _LOAD_ALL_RUNNER = _PEAK + textwrap.dedent("""
     import sys, time
     t = time.perf_counter()
-    from subboost.checkpoints import load_state_dict, save_state_dict
+    from subboost.io import load_state_dict, save_state_dict
     from subboost.merging import merge
     from subboost.taskvector import apply_task_vector, task_vectors
     out, base_path, *expert_paths = sys.argv[1:]

@@ -9,7 +9,9 @@ Modules, one idea each:
 - :mod:`subboost.merging` -- merging methods registered by name (TA, TIES, Consensus,
   LiNeS, Iso-C, Iso-CTS, TSV-M, ...), shared by notebooks, CLI and tests.
 - :mod:`subboost.hogsvd` -- HO-GSVD, alignment matrices, expert selection, Higher-Order SB.
-- :mod:`subboost.checkpoints` -- loading and atomically saving state dicts.
+- :mod:`subboost.io` -- reading checkpoints (safetensors, torch files, restricted unpickling),
+  the public checkpoint layouts, atomic and exclusive writing.
+- :mod:`subboost.streaming` -- merging checkpoints tensor by tensor (the CLI's engine).
 """
 
 __version__ = "0.1.0"

@@ -10,9 +10,15 @@ Three commands on the library's registered methods (:data:`subboost.merging.METH
 - ``subboost select``: HO-GSVD alignment matrix (paper Eq. 7) and the k experts that
   interfere least with a pool (:mod:`subboost.hogsvd`).
 
-Bad input (missing file, mismatched keys or shapes, unknown method, non-finite weights, an
-output that is an input or already exists) ends with exit code 2 and one line on stderr;
-nothing is left behind (outputs are written to a temporary file and renamed).
+Exit codes: 0 ok; 1 internal error (a bug: traceback); 2 bad input (missing or malformed
+file, mismatched keys or shapes, unknown method or parameter, non-finite weights or merged
+result, an output that is an input or already exists), with one line on stderr naming the
+culprit; 130 interrupted by SIGINT (Ctrl-C), 143 by SIGTERM, 129 by SIGHUP (128 + the
+signal number). In every failure or interruption nothing is left behind: outputs are
+written to a temporary file beside the target and published only when complete
+(:func:`subboost.io.atomic_path`: exclusively unless ``--overwrite``, with the umask's
+mode); the temporary file and any folder created for the output are removed, an existing
+output is kept intact, and inputs are only read.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+EXIT_INTERNAL_ERROR = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 _MERGE_EXAMPLES = """\
 examples:
@@ -236,7 +244,8 @@ def _device(name: str) -> str:
 @contextlib.contextmanager
 def _open_inputs(args: argparse.Namespace) -> Iterator[tuple[Any, list[Any], list[str], list[Path]]]:
     """Open base and experts lazily; yields (base reader, expert readers, names, paths)."""
-    from subboost.streaming import checkpoint_root_paths, expert_names, open_checkpoint
+    from subboost.io import checkpoint_root_paths, open_checkpoint
+    from subboost.streaming import expert_names
 
     if args.root is not None:
         if args.experts:
@@ -263,11 +272,11 @@ def _open_inputs(args: argparse.Namespace) -> Iterator[tuple[Any, list[Any], lis
         yield base, experts, names, [Path(base_path)] + [Path(p) for p in expert_paths]
 
 
-def _check_output(path: Path, inputs: Sequence[Path], overwrite: bool, what: str = "output") -> None:
-    from subboost.streaming import _same_file
+def _check_output(path: Path, inputs: Sequence[Path], overwrite: bool, what: str = "--output") -> None:
+    from subboost.io import same_file
 
     for p in inputs:
-        if _same_file(p, path):
+        if same_file(p, path):
             raise BadInput(f"{what} {path} is an input ({p}); refusing to overwrite an input")
     if path.exists() and not overwrite:
         raise BadInput(f"{what} {path} exists; pass --overwrite to replace it")
@@ -276,33 +285,56 @@ def _check_output(path: Path, inputs: Sequence[Path], overwrite: bool, what: str
 
 
 def _method_and_params(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    from subboost.merging import METHODS
-    from subboost.streaming import _check_params
+    from subboost.streaming import check_method_params
 
-    if args.method not in METHODS:
-        raise BadInput(f"unknown merging method '{args.method}'; known: {', '.join(METHODS)}")
-    params = dict(args.param)
-    _check_params(args.method, params)
-    return args.method, params
+    return args.method, check_method_params(args.method, dict(args.param))
 
 
 def _boost_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(layer_types=list(args.boost_layers), include_proj=bool(args.boost_proj), route=args.boost_route)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    from subboost.checkpoints import atomic_path
+def _plot_format(path: Path | None) -> str | None:
+    """The figure format of ``--plot`` (its suffix; png without one), checked against
+    matplotlib's formats before any work."""
+    if path is None:
+        return None
+    import matplotlib
 
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    matplotlib.use("Agg")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise BadInput(f"--plot {path}: unknown figure format '{fmt}' (use one of {', '.join(sorted(formats))})")
+    return fmt
 
 
-def _save_figure_atomic(fig: Any, path: Path) -> None:
-    from subboost.checkpoints import atomic_path
+def _check_report_outputs(args: argparse.Namespace, inputs: Sequence[Path]) -> str | None:
+    """Checks of ``--output`` and ``--plot`` (diagnose, select) before any work; returns the
+    plot format."""
+    from subboost.io import same_file
 
-    suffix = path.suffix.lstrip(".") or "png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=suffix, dpi=150, bbox_inches="tight")
+    fmt = _plot_format(args.plot)
+    if args.output is not None and args.plot is not None and same_file(args.output, args.plot):
+        raise BadInput(f"--output and --plot name the same file ({args.output})")
+    for label, out in (("--output", args.output), ("--plot", args.plot)):
+        if out is not None:
+            _check_output(out, inputs, args.overwrite, label)
+    return fmt
+
+
+def _write_report_outputs(args: argparse.Namespace, text: str, plot: Any, fmt: str | None) -> None:
+    """Write the ``--output`` text and the ``--plot`` figure (``plot(fig_path, fmt)``), each
+    atomically; nothing is published unless both were written."""
+    from subboost.io import atomic_path
+
+    with contextlib.ExitStack() as stack:
+        if args.plot is not None:
+            plot(stack.enter_context(atomic_path(args.plot, overwrite=args.overwrite, label="--plot")), fmt)
+        if args.output is not None:
+            stack.enter_context(atomic_path(args.output, overwrite=args.overwrite, label="--output")).write_text(text)
 
 
 def _hash_inputs(paths: Sequence[Path], names: Sequence[str], progress: bool) -> list[dict[str, str]]:
@@ -341,7 +373,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
             base, experts, output, method, names=names, params=params, alpha=args.alpha,
             boost_beta=args.boost, boost_options=_boost_options(args) if args.boost is not None else None,
             lines_b=args.lines, lines_a=args.lines_a, metadata=meta, device=device,
-            memory_budget=args.memory_budget << 20, progress=progress,
+            memory_budget=args.memory_budget << 20, progress=progress, overwrite=args.overwrite,
+            label="--output",
         )
     parts = [f"method={method}"] + [f"{k}={v}" for k, v in params.items()] + [f"alpha={args.alpha:g}"]
     if args.boost is not None:
@@ -372,13 +405,12 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from subboost.streaming import block_keys, merged_deltas
 
     method, params = _method_and_params(args)
+    fmt = _plot_format(args.plot)
     device = _device(args.device)
     beta = 0.0 if args.boost is None else args.boost
     options = _boost_options(args)
     with _open_inputs(args) as (base, experts, names, paths):
-        for out in (args.output, args.plot):
-            if out is not None:
-                _check_output(out, paths, args.overwrite)
+        _check_report_outputs(args, paths)
         keys = block_keys(base, options["layer_types"], options["include_proj"])
         if not keys:
             raise BadInput("no block matrices (attention / MLP weights of residual blocks) in the base")
@@ -391,6 +423,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
                 rows += _rank_rows(name, key, delta)
                 boosted = boost_task_vector({key: delta}, beta, **options)[key]
                 rows += _rank_rows(f"{name}+sb", key, boosted)
+    if not rows:
+        raise BadInput("every block matrix of the merged task vectors is zero (are the experts identical to the base?)")
     table = pd.DataFrame(rows)
     front = ["variant", "key", "layer", "sublayer", "rows", "cols", "stable_rank", "energy_rank_50", "energy_rank_30"]
     table = table[[c for c in front if c in table] + [c for c in table if c not in front]]
@@ -403,18 +437,17 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         summary = table.groupby("variant", sort=False)[["stable_rank", "energy_rank_50", "energy_rank_30"]].mean()
         text = (table.drop(columns=[c for c in ("stack", "layer_type", "max_rank") if c in table]).to_string(index=False)
                 + "\n\nmean over block matrices:\n" + summary.to_string(float_format=lambda x: f"{x:.2f}") + "\n")
+    _write_report_outputs(args, text, lambda path, fmt: _plot_ranks(table, path, fmt, beta), fmt)
     if args.output is not None:
-        _write_text_atomic(args.output, text)
         print(f"wrote {args.output} ({len(table)} rows)")
     else:
         sys.stdout.write(text)
     if args.plot is not None:
-        _plot_ranks(table, args.plot, beta)
         print(f"wrote {args.plot}", file=sys.stderr if args.output is None else sys.stdout)
     return 0
 
 
-def _plot_ranks(table: Any, path: Path, beta: float) -> None:
+def _plot_ranks(table: Any, path: Path, fmt: str, beta: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,7 +466,7 @@ def _plot_ranks(table: Any, path: Path, beta: float) -> None:
     axes[0][0].set_ylabel("stable rank")
     axes[0][-1].legend(fontsize=7, title=f"SB β = {beta:g}", title_fontsize=7)
     fig.tight_layout()
-    _save_figure_atomic(fig, path)
+    fig.savefig(path, format=fmt, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -450,11 +483,10 @@ def cmd_select(args: argparse.Namespace) -> int:
         raise BadInput(f"HO-GSVD is not available: {err}") from None
     if not args.pi > 0:
         raise BadInput(f"--pi must be > 0, got {args.pi}")
+    fmt = _plot_format(args.plot)
     device = _device(args.device)
     with _open_inputs(args) as (base, experts, names, paths):
-        for out in (args.output, args.plot):
-            if out is not None:
-                _check_output(out, paths, args.overwrite)
+        _check_report_outputs(args, paths)
         if len(experts) < 2:
             raise BadInput("an alignment matrix needs at least 2 experts")
         unknown = [p for p in list(args.pool) + list(args.candidates or []) if p not in names]
@@ -489,18 +521,17 @@ def cmd_select(args: argparse.Namespace) -> int:
         note="alignment: paper Eq. 7, higher = better aligned (less interference)",
     )
     text = json.dumps(result, indent=1) + "\n"
+    _write_report_outputs(args, text, lambda path, fmt: _plot_alignment(frame, list(args.pool), sel.selected, path, fmt), fmt)
     if args.output is not None:
-        _write_text_atomic(args.output, text)
         print(f"wrote {args.output}; selected: {', '.join(map(str, sel.selected))}")
     else:
         sys.stdout.write(text)
     if args.plot is not None:
-        _plot_alignment(frame, list(args.pool), sel.selected, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr if args.output is None else sys.stdout)
     return 0
 
 
-def _plot_alignment(frame: Any, pool: list[str], selected: list[str], path: Path) -> None:
+def _plot_alignment(frame: Any, pool: list[str], selected: list[str], path: Path, fmt: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -519,7 +550,7 @@ def _plot_alignment(frame: Any, pool: list[str], selected: list[str], path: Path
     fig.colorbar(im, ax=ax, label="alignment (higher = less interference)")
     ax.set_title("HO-GSVD alignment (bold: pool, red: selected)", fontsize=9)
     fig.tight_layout()
-    _save_figure_atomic(fig, path)
+    fig.savefig(path, format=fmt, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -534,22 +565,27 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit code (0 ok, 2 bad input)."""
+    """Console entry point; returns the exit code (0 ok, 1 internal error, 2 bad input,
+    130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
+    from subboost.io import InputError, Interrupted, interrupt_signals
+
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"subboost {args.command}"
     try:
-        if getattr(args, "threads", None):
-            import torch
+        with interrupt_signals():
+            if getattr(args, "threads", None):
+                import torch
 
-            torch.set_num_threads(args.threads)  # this process is the application: its choice
-        return int(args.func(args))
+                torch.set_num_threads(args.threads)  # this process is the application: its choice
+            return int(args.func(args))
+    except Interrupted as err:
+        sys.stderr.write(f"{prog}: interrupted ({err})\n")
+        return err.exit_code
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as err:
-        from subboost.streaming import InputError
-
         bad = isinstance(err, (BadInput, InputError, ValueError, OSError))
         if args.debug or not bad:
             raise

@@ -1,27 +1,13 @@
 """Real checkpoints: the public open_clip task-vector releases, loaded from a local folder.
 
-Nothing is downloaded. Two checkpoint layouts are recognised (``layout="auto"`` detects them):
-
-``tall_masks`` (the 8/14/20-task releases of the TALL-masks / Consensus lineage)::
-
-    {root}/{model}/{Task}Val/nonlinear_finetuned.pt     expert of each task
-    {root}/{model}/MNISTVal/nonlinear_zeroshot.pt       the base (any {Task}Val/nonlinear_zeroshot.pt)
-    {root}/{model}/head_{Task}Val.pt                    zero-shot head (pickled module)
-
-``task_vectors`` (the older 8-task release of Ilharco et al.)::
-
-    {root}/{model}/zeroshot.pt                          the base
-    {root}/{model}/{Task}/finetuned.pt                  experts
-    {root}/{model}/head_{Task}.pt or head_{Task}Val.pt  heads
-
-Every checkpoint may also be a ``.safetensors`` file of the same stem (the mini zoo writes
-both). Checkpoints are state dicts (``tall_masks``: of the ``ImageEncoder`` wrapper, keys
-``model.visual...``) or pickled modules (``task_vectors`` experts, all heads); key prefixes
-``model.`` / ``image_encoder.model.`` are stripped, so keys are open_clip's
-(``visual.transformer.resblocks.{l}.attn.in_proj_weight``). Pickles need
-``allow_pickle=True`` (``torch.load(weights_only=False)`` runs code from the file: only for
-files you trust); classes that cannot be imported (e.g. the releases' ``src.modeling``) are
-replaced by empty ``nn.Module`` stand-ins, so only the tensors are read.
+Nothing is downloaded. Files are found and read by :mod:`subboost.io`: the two public
+layouts (``tall_masks`` and ``task_vectors``, detected with ``layout="auto"``) are described
+in :mod:`subboost.io.layouts`, the one key rule (wrapper prefixes such as ``model.`` or
+``image_encoder.model.`` removed, so keys are open_clip's) in :mod:`subboost.io.statedict`.
+Pickled checkpoints (the older release's experts, every release's heads) need
+``allow_pickle=True``; they are read with the restricted unpickler of
+:mod:`subboost.io.unpickle` (the releases' ``src.*`` classes become inert placeholders; no
+code from the file runs).
 
 Evaluation data (``data_root``), per task and split (``val``, ``test``), either:
 
@@ -41,11 +27,8 @@ and std. Fine-tuned and zero-shot accuracies are computed on this data on first 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
-import pickle
-import types
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -54,111 +37,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from subboost.checkpoints import load_state_dict
 from subboost.evaluate import Suite, TaskData
-from subboost.taskvector import StateDict
-
-LAYOUTS = ("tall_masks", "task_vectors")
-PAPER_TASKS: tuple[str, ...] = (
-    "Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SVHN", "SUN397",
-    "STL10", "OxfordIIITPet", "Flowers102", "CIFAR100", "PCAM", "FER2013",
-    "CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "EMNIST", "KMNIST",
+from subboost.io import (
+    LAYOUTS,
+    PAPER_TASKS,
+    atomic_path,
+    base_path,
+    detect_layout,
+    discover_tasks,
+    expert_path,
+    head_path,
+    load_state_dict,
 )
-_PREFIXES = ("image_encoder.model.", "module.model.", "model.", "module.")
+
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
-
-# ---------------------------------------------------------------- lenient unpickling
-
-
-class PickleStub(torch.nn.Module):
-    """Stand-in for a pickled class that cannot be imported (only its tensors are read)."""
-
-
-def _stub_pickle_module() -> types.ModuleType:
-    """A ``pickle``-like module whose Unpickler replaces unimportable classes by stubs."""
-
-    class StubUnpickler(pickle.Unpickler):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.stubbed: dict[tuple[str, str], type] = {}
-
-        def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
-            try:
-                return super().find_class(module, name)
-            except (ImportError, AttributeError):
-                key = (module, name)
-                if key not in self.stubbed:
-                    self.stubbed[key] = type(name, (PickleStub,), {"__module__": f"stub:{module}"})
-                return self.stubbed[key]
-
-    mod = types.ModuleType("subboost_stub_pickle")
-    for attr in ("load", "loads", "dump", "dumps", "HIGHEST_PROTOCOL", "DEFAULT_PROTOCOL", "UnpicklingError",
-                 "PicklingError", "Pickler"):
-        setattr(mod, attr, getattr(pickle, attr))
-    mod.Unpickler = StubUnpickler
-
-    def _load(file, **kwargs):
-        return StubUnpickler(file, **kwargs).load()
-
-    def _loads(data, **kwargs):
-        return StubUnpickler(io.BytesIO(data), **kwargs).load()
-
-    mod.load, mod.loads = _load, _loads
-    return mod
-
-
-def _strip_prefix(state: Mapping[str, Tensor]) -> StateDict:
-    keys = list(state)
-    for prefix in _PREFIXES:
-        if keys and all(k.startswith(prefix) for k in keys):
-            return {k[len(prefix):]: v for k, v in state.items()}
-    return dict(state)
-
-
-def _to_state_dict(obj: object, path: Path) -> StateDict:
-    if isinstance(obj, torch.nn.Module):
-        return dict(obj.state_dict())
-    if isinstance(obj, Mapping):
-        for wrapper in ("state_dict", "model_state_dict", "model"):
-            inner = obj.get(wrapper)
-            if isinstance(inner, (Mapping, torch.nn.Module)):
-                return _to_state_dict(inner, path)
-        tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-        if not tensors:
-            raise ValueError(f"{path}: holds no tensors")
-        return tensors
-    raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict or torch module")
-
-
-def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> StateDict:
-    """Load a checkpoint (safetensors, state dict or pickled module) as a state dict with
-    open_clip key names (wrapper prefixes such as ``model.`` stripped).
-
-    Raises ``FileNotFoundError`` naming the file, or ``ValueError`` saying that the file is a
-    pickle that needs ``allow_pickle=True`` (``weights_only=False``).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return _strip_prefix(load_state_dict(path, allow_pickle=False))
-    except ValueError as err:
-        if "allow_pickle" not in str(err):
-            raise
-        if not allow_pickle:
-            raise ValueError(
-                f"{path} is a pickled object: torch.load(weights_only=True) refuses it. If you trust "
-                f"the file, pass allow_pickle=True (loads it with weights_only=False)."
-            ) from None
-    obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_stub_pickle_module())
-    return _strip_prefix(_to_state_dict(obj, path))
+__all__ = ["load_suite", "load_head_weight", "load_task_data", "save_task_data", "read_accuracies",
+           "quiet_open_clip", "LAYOUTS", "PAPER_TASKS"]
 
 
 def load_head_weight(path: str | Path, allow_pickle: bool = False) -> Tensor:
     """The ``(C, D)`` weight of a classification head file (state dict with ``weight``, or a
     pickled ``ClassificationHead``). A non-zero bias is refused (heads of the releases have none)."""
-    state = load_checkpoint(path, allow_pickle=allow_pickle)
+    state = load_state_dict(path, allow_pickle=allow_pickle)
     weight = state.get("weight")
     if weight is None or weight.ndim != 2:
         raise ValueError(f"{path}: no 2-D 'weight' in the head (keys: {sorted(state)[:5]})")
@@ -166,84 +67,6 @@ def load_head_weight(path: str | Path, allow_pickle: bool = False) -> Tensor:
     if bias is not None and bool(bias.any()):
         raise ValueError(f"{path}: the head has a non-zero bias, which the evaluation does not model")
     return weight.float()
-
-
-# ---------------------------------------------------------------- layouts
-
-
-def _first_existing(candidates: Sequence[Path]) -> Path | None:
-    for c in candidates:
-        if c.is_file():
-            return c
-    return None
-
-
-def _with_safetensors(path: Path) -> list[Path]:
-    return [path, path.with_suffix(".safetensors")]
-
-
-def detect_layout(root: str | Path, model: str) -> str:
-    """``tall_masks`` or ``task_vectors``, from the files under ``{root}/{model}``."""
-    d = Path(root) / model
-    if not d.is_dir():
-        raise FileNotFoundError(f"no checkpoint folder {d} (expected {{root}}/{{model}}/...)")
-    if any(d.glob("*Val/nonlinear_finetuned.*")) or any(d.glob("*Val/nonlinear_zeroshot.*")):
-        return "tall_masks"
-    if _first_existing(_with_safetensors(d / "zeroshot.pt")) or any(d.glob("*/finetuned.*")):
-        return "task_vectors"
-    raise FileNotFoundError(
-        f"{d}: found neither {{Task}}Val/nonlinear_finetuned.pt (tall_masks layout) nor zeroshot.pt / "
-        f"{{Task}}/finetuned.pt (task_vectors layout)")
-
-
-def discover_tasks(root: str | Path, model: str, layout: str) -> list[str]:
-    """Tasks with an expert checkpoint, in the paper's order first, then alphabetically."""
-    d = Path(root) / model
-    if layout == "tall_masks":
-        found = {p.parent.name[:-3] for p in d.glob("*Val/nonlinear_finetuned.*")}
-    else:
-        found = {p.parent.name for p in d.glob("*/finetuned.*")}
-    order = {t: i for i, t in enumerate(PAPER_TASKS)}
-    return sorted(found, key=lambda t: (order.get(t, len(order)), t))
-
-
-def base_path(root: str | Path, model: str, layout: str) -> Path:
-    """Path of the base (zero-shot) checkpoint; ``FileNotFoundError`` lists what was tried."""
-    d = Path(root) / model
-    if layout == "tall_masks":
-        tried = _with_safetensors(d / "MNISTVal" / "nonlinear_zeroshot.pt")
-        found = _first_existing(tried)
-        if found is None:
-            others = sorted(d.glob("*Val/nonlinear_zeroshot.pt")) + sorted(d.glob("*Val/nonlinear_zeroshot.safetensors"))
-            found = others[0] if others else None
-            tried = tried + [d / "{Task}Val" / "nonlinear_zeroshot.pt"]
-    else:
-        tried = _with_safetensors(d / "zeroshot.pt")
-        found = _first_existing(tried)
-    if found is None:
-        raise FileNotFoundError("base (zero-shot) checkpoint not found; tried: " + ", ".join(map(str, tried)))
-    return found
-
-
-def expert_path(root: str | Path, model: str, task: str, layout: str) -> Path:
-    """Path of a task's expert; ``FileNotFoundError`` names the missing file."""
-    d = Path(root) / model
-    tried = (_with_safetensors(d / f"{task}Val" / "nonlinear_finetuned.pt") if layout == "tall_masks"
-             else _with_safetensors(d / task / "finetuned.pt"))
-    found = _first_existing(tried)
-    if found is None:
-        raise FileNotFoundError(f"expert checkpoint for task '{task}' not found; tried: " + ", ".join(map(str, tried)))
-    return found
-
-
-def head_path(root: str | Path, model: str, task: str) -> Path:
-    """Path of a task's head (``head_{Task}Val`` or ``head_{Task}``, ``.pt`` or ``.safetensors``)."""
-    d = Path(root) / model
-    tried = _with_safetensors(d / f"head_{task}Val.pt") + _with_safetensors(d / f"head_{task}.pt")
-    found = _first_existing(tried)
-    if found is None:
-        raise FileNotFoundError(f"classification head for task '{task}' not found; tried: " + ", ".join(map(str, tried)))
-    return found
 
 
 def read_accuracies(root: str | Path, model: str) -> dict[str, dict[str, float]]:
@@ -340,8 +163,6 @@ def load_task_data(data_root: str | Path, task: str, split: str, image_size: int
 def save_task_data(data_root: str | Path, task: str, split: str, images: Tensor, labels: Tensor,
                    classnames: Sequence[str] | None = None) -> Path:
     """Write one split in the ``{data_root}/{Task}/{split}.pt`` layout (atomically)."""
-    from subboost.checkpoints import atomic_path
-
     path = Path(data_root) / task / f"{split}.pt"
     blob = {"images": images.contiguous(), "labels": labels.long().contiguous()}
     if classnames is not None:
@@ -450,8 +271,8 @@ def load_suite(
         name=name or f"{root.name}/{model}",
         model_name=model,
         task_names=task_list,
-        load_base=partial(load_checkpoint, base_file, allow_pickle),
-        load_expert=lambda t: load_checkpoint(experts[t], allow_pickle),
+        load_base=partial(load_state_dict, base_file, allow_pickle),
+        load_expert=lambda t: load_state_dict(experts[t], allow_pickle),
         load_head=lambda t: load_head_weight(heads[t], allow_pickle),
         load_data=load_data,
         make_visual=make_visual,

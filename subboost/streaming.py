@@ -1,49 +1,39 @@
-"""Streaming merges: read, merge and write checkpoints tensor by tensor (issue 6, issue 7).
+"""Streaming merges: read, merge and write checkpoints tensor by tensor.
 
 Real experts weigh 350 MB (ViT-B/32) to 1.7 GB (ViT-L/14) each; loading N of them costs N
 models of memory. Here the merged model θ0 + α·Δm is built one tensor (or one row block of a
-large tensor) at a time, so that peak memory stays near one tensor per expert:
+large tensor) at a time, so that peak memory stays near one tensor per expert. Files are
+read and written by :mod:`subboost.io` (lazy readers by key, the streaming
+:class:`~subboost.io.SafetensorsWriter`, atomic and exclusive publication); this module is
+the merge engine:
 
-- **Readers** (:func:`open_checkpoint`) give lazy access by key:
-  ``.safetensors`` files are read with positioned reads from their header's offsets (no
-  memory map, so the bytes of tensors already merged never count towards the process' RSS);
-  ``.pt`` files are memory-mapped (``torch.load(mmap=True)``) and the pages of a tensor are
-  handed back to the OS (``madvise(MADV_DONTNEED)``, Linux) once it has been copied.
-  Pickled modules (the public task-vector releases pickle ``open_clip`` image encoders)
-  need ``allow_pickle=True``; classes whose code is not installed are rebuilt as inert
-  placeholders from which only the parameters and buffers are read.
-- **Writer** (:class:`SafetensorsWriter`): the header is known from the base (every output
-  tensor has the base's shape and dtype), so tensors are appended one by one.
-- **Engine** (:func:`merged_deltas`, :func:`stream_merge`): the registered merging functions
-  of :mod:`subboost.merging` are called on single-key task vectors, so the streamed result
-  is the library's by construction. Methods whose result for a key depends on that key only
-  (TA, averaging, Consensus over TA, Iso-C, Iso-CTS, TSV-M, HO-SB) run in one pass. TIES
-  needs two global statistics, each task's top-k magnitude threshold (found exactly by a
-  two-pass radix selection on the float32 bit patterns, never holding a whole task vector)
-  and the majority sign; LiNeS' default ``a`` needs the ℓ1 norm of the whole merged update
-  (the update is spilled to a temporary file in between). Other methods (ESM) are merged
-  in memory.
+- :func:`merged_deltas` and :func:`stream_merge` call the registered merging functions of
+  :mod:`subboost.merging` on single-key task vectors, so the streamed result is the
+  library's by construction. Methods whose result for a key depends on that key only (TA,
+  averaging, Consensus over TA, Iso-C, Iso-CTS, TSV-M, HO-SB) run in one pass. TIES needs
+  two global statistics, each task's top-k magnitude threshold (found exactly by a two-pass
+  radix selection on the float32 bit patterns, never holding a whole task vector) and the
+  majority sign; LiNeS' default ``a`` needs the ℓ1 norm of the whole merged update (the
+  update is spilled to a temporary file in between). Other methods (ESM) are merged in
+  memory.
 
-Inputs are validated before any work (keys and shapes from the headers); every problem is
-raised as :class:`InputError` naming the file and key. Outputs are written to a temporary
-file and renamed at the end (:func:`subboost.checkpoints.atomic_path`).
+Inputs are validated before any work (method parameters, keys and shapes from the
+headers); every merged tensor is checked to be finite before it is written (a float16
+overflow or a huge α raise :class:`~subboost.io.InputError` naming the key), and the output
+appears only when complete (:func:`subboost.io.atomic_path`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import inspect
 import json
 import math
-import mmap
 import os
-import pickle
-import struct
 import sys
+import tempfile
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -53,7 +43,15 @@ import torch
 from torch import Tensor
 
 from subboost.boost import boost_task_vector_with_report
-from subboost.checkpoints import atomic_path
+from subboost.io import (
+    CheckpointReader,
+    InputError,
+    SafetensorsReader,
+    SafetensorsWriter,
+    TensorInfo,
+    atomic_path,
+    same_file,
+)
 from subboost.merging import METHODS, get_method, lines_scales
 from subboost.taskvector import (
     all_finite,
@@ -64,416 +62,9 @@ from subboost.taskvector import (
 )
 
 __all__ = [
-    "InputError", "TensorInfo", "CheckpointReader", "SafetensorsReader", "TorchReader",
-    "SafetensorsWriter", "open_checkpoint", "checkpoint_root_paths", "expert_names",
-    "check_compatible", "sha256_file", "merged_deltas", "stream_merge", "MergeReport",
-    "LOCAL_METHODS", "GLOBAL_METHODS", "iter_task_vectors", "block_keys",
+    "expert_names", "check_compatible", "sha256_file", "check_method_params", "merged_deltas",
+    "stream_merge", "MergeReport", "LOCAL_METHODS", "GLOBAL_METHODS", "iter_task_vectors", "block_keys",
 ]
-
-
-class InputError(ValueError):
-    """A problem with the user's inputs (missing file, mismatched keys, bad parameter...)."""
-
-
-# ----------------------------------------------------------------------------- dtypes
-
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        _ST_DTYPES[_name] = getattr(torch, _attr)
-_ST_NAMES: dict[torch.dtype, str] = {v: k for k, v in _ST_DTYPES.items()}
-del _name, _attr
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Shape and dtype of a stored tensor (known without reading its data)."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * _itemsize(self.dtype)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _row_range(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, int]:
-    n = info.shape[0] if info.shape else 1
-    if rows is None:
-        return 0, n
-    r0, r1 = rows
-    if not 0 <= r0 <= r1 <= n:
-        raise ValueError(f"row range {rows} outside [0, {n}]")
-    return r0, r1
-
-
-# ----------------------------------------------------------------------------- readers
-
-
-class CheckpointReader:
-    """Lazy, read-only access to the tensors of one checkpoint file, by key."""
-
-    path: Path
-
-    def keys(self) -> list[str]:
-        raise NotImplementedError
-
-    def info(self, key: str) -> TensorInfo:
-        raise NotImplementedError
-
-    def read(self, key: str, rows: tuple[int, int] | None = None) -> Tensor:
-        """A fresh CPU tensor holding ``key`` (or its rows ``rows[0]:rows[1]``, first dim)."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release the file (idempotent)."""
-
-    def __enter__(self) -> "CheckpointReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r})"
-
-
-class SafetensorsReader(CheckpointReader):
-    """Positioned reads from a ``.safetensors`` file: header parsed once, each tensor (or
-    row block) read into a fresh buffer; nothing stays mapped."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self._file = open(self.path, "rb")
-        try:
-            self._parse_header()
-        except Exception:
-            self._file.close()
-            raise
-
-    def _parse_header(self) -> None:
-        size = os.fstat(self._file.fileno()).st_size
-        head = self._file.read(8)
-        if len(head) < 8:
-            raise InputError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 1 << 28):
-            raise InputError(f"{self.path}: not a safetensors file (bad header length)")
-        try:
-            header = json.loads(self._file.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise InputError(f"{self.path}: not a safetensors file (header is not JSON)") from None
-        if not isinstance(header, dict):
-            raise InputError(f"{self.path}: not a safetensors file (header is not a JSON object)")
-        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
-        self._data_start = 8 + n
-        self._entries: dict[str, tuple[TensorInfo, int]] = {}
-        for key, entry in header.items():
-            try:
-                dtype = _ST_DTYPES[entry["dtype"]]
-                shape = tuple(int(x) for x in entry["shape"])
-                begin, end = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise InputError(f"{self.path}: unsupported or malformed header entry for key '{key}'") from None
-            info = TensorInfo(shape, dtype)
-            if end - begin != info.nbytes or self._data_start + end > size:
-                raise InputError(f"{self.path}: key '{key}': data offsets do not match its shape or the file size")
-            self._entries[key] = (info, begin)
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def info(self, key: str) -> TensorInfo:
-        return self._entries[key][0]
-
-    def read(self, key: str, rows: tuple[int, int] | None = None) -> Tensor:
-        info, begin = self._entries[key]
-        r0, r1 = _row_range(info, rows)
-        row_bytes = info.nbytes // max(info.shape[0], 1) if info.shape else info.nbytes
-        shape = ((r1 - r0),) + info.shape[1:] if info.shape else ()
-        out = torch.empty(shape, dtype=info.dtype)
-        nbytes = out.numel() * out.element_size()
-        if nbytes:
-            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            self._file.seek(self._data_start + begin + r0 * row_bytes)
-            got = 0
-            while got < nbytes:
-                n = self._file.readinto(view[got:])
-                if not n:
-                    raise InputError(f"{self.path}: file ends inside tensor '{key}'")
-                got += n
-        return out
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class _PageReleaser:
-    """Hands the pages of a memory-mapped file back to the OS once a tensor was copied, so
-    that streamed ``.pt`` files do not pile up in the resident set. Linux only (it reads
-    ``/proc/self/maps``); a no-op elsewhere. Only ranges inside this file's own mappings
-    are released (MADV_DONTNEED on a file mapping just drops clean pages: a later access
-    reads them again from the file)."""
-
-    _MADV_DONTNEED = 4
-
-    def __init__(self, path: Path) -> None:
-        self._ranges: list[tuple[int, int]] = []
-        self._madvise: Callable[..., int] | None = None
-        if not sys.platform.startswith("linux"):
-            return
-        real = os.path.realpath(path)
-        try:
-            with open("/proc/self/maps") as fh:
-                for line in fh:
-                    parts = line.rstrip("\n").split(None, 5)
-                    if len(parts) == 6 and parts[5] == real:
-                        lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                        self._ranges.append((lo, hi))
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = libc.madvise
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            self._madvise = fn
-        except (OSError, AttributeError):
-            self._ranges = []
-
-    def release(self, tensor: Tensor) -> None:
-        if not self._ranges or self._madvise is None or not tensor.is_contiguous():
-            return
-        page = mmap.PAGESIZE
-        start = tensor.data_ptr()
-        end = start + tensor.numel() * tensor.element_size()
-        for lo, hi in self._ranges:
-            a, b = max(start, lo), min(end, hi)
-            a = -(-a // page) * page
-            b = (b // page) * page
-            if b > a:
-                self._madvise(a, b - a, self._MADV_DONTNEED)
-
-
-class _Placeholder:
-    """Stands in for a pickled object whose class cannot be imported; keeps its state."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        self.__dict__["_placeholder_args"] = args
-
-    def __setstate__(self, state: object) -> None:
-        if isinstance(state, tuple) and len(state) == 2:
-            state = {**(state[0] or {}), **(state[1] or {})}
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-        else:
-            self.__dict__["_placeholder_state"] = state
-
-    def __call__(self, *args: object, **kwargs: object) -> "_Placeholder":
-        return _Placeholder(*args)
-
-
-def _placeholder_pickle_module() -> types.ModuleType:
-    """A ``pickle_module`` for ``torch.load`` whose Unpickler rebuilds classes from missing
-    modules as :class:`_Placeholder` subclasses (made per unpickler: no shared state)."""
-
-    class Unpickler(pickle.Unpickler):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._made: dict[tuple[str, str], type] = {}
-
-        def find_class(self, module: str, name: str) -> Any:
-            try:
-                return super().find_class(module, name)
-            except (ModuleNotFoundError, AttributeError, ImportError):
-                key = (module, name)
-                if key not in self._made:
-                    self._made[key] = type(name, (_Placeholder,), {"__module__": module})
-                return self._made[key]
-
-    mod = types.ModuleType("subboost_placeholder_pickle")
-    mod.Unpickler = Unpickler  # type: ignore[attr-defined]
-    mod.Pickler = pickle.Pickler  # type: ignore[attr-defined]
-    mod.load = lambda f, **kw: Unpickler(f, **kw).load()  # type: ignore[attr-defined]
-    mod.loads = pickle.loads  # type: ignore[attr-defined]
-    mod.dump = pickle.dump  # type: ignore[attr-defined]
-    return mod
-
-
-def _module_tensors(obj: Any, prefix: str, out: dict[str, Tensor], depth: int = 0) -> bool:
-    """Collect parameters and persistent buffers of an ``nn.Module`` or of a placeholder
-    with a module's ``__dict__``; returns False when ``obj`` is neither."""
-    if depth > 64:
-        return False
-    if isinstance(obj, torch.nn.Module):
-        try:  # a real module: its own state_dict (hooks, custom _save_to_state_dict)
-            items = obj.state_dict().items()
-        except (AttributeError, TypeError):
-            items = None  # some submodule is a placeholder: walk the attributes below
-        if items is not None:
-            for k, v in items:
-                out[prefix + k] = v
-            return True
-    state = getattr(obj, "__dict__", None)
-    if not isinstance(state, dict) or "_parameters" not in state or "_modules" not in state:
-        return False
-    for name, p in (state.get("_parameters") or {}).items():
-        if p is not None:
-            out[prefix + name] = p.detach()
-    skip = set(state.get("_non_persistent_buffers_set") or ())
-    for name, b in (state.get("_buffers") or {}).items():
-        if b is not None and name not in skip:
-            out[prefix + name] = b.detach()
-    for name, child in (state.get("_modules") or {}).items():
-        if child is not None:
-            _module_tensors(child, f"{prefix}{name}.", out, depth + 1)
-    return True
-
-
-def _extract_tensors(obj: Any, path: Path) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    if _module_tensors(obj, "", out):
-        return out
-    if isinstance(obj, Mapping):
-        for wrapper in ("state_dict", "model_state_dict", "model"):
-            inner = obj.get(wrapper)
-            if isinstance(inner, Mapping) or _module_tensors(inner, "", {}):
-                return _extract_tensors(inner, path)
-        bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
-        if bad:
-            raise InputError(f"{path}: not a state dict (entries that are not tensors: {bad[:5]})")
-        return {str(k): v for k, v in obj.items()}
-    raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict or a torch module")
-
-
-class TorchReader(CheckpointReader):
-    """``.pt``/``.pth``/``.bin`` torch files: state dicts, wrapped state dicts
-    (``{"state_dict": ...}``) or pickled modules (``allow_pickle=True``).
-
-    Zip-format files are memory-mapped, and each tensor's pages are released after it was
-    copied; legacy (pre-1.6) files are loaded whole."""
-
-    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False) -> None:
-        self.path = Path(path)
-        obj, mapped = self._load(allow_pickle)
-        self._tensors = _extract_tensors(obj, self.path)
-        del obj
-        self._releaser = _PageReleaser(self.path) if mapped else None
-
-    def _load(self, allow_pickle: bool) -> tuple[Any, bool]:
-        path = self.path
-        attempts: list[tuple[bool, bool]] = [(True, True), (True, False)]  # (weights_only, mmap)
-        last: Exception | None = None
-        for weights_only, use_mmap in attempts:
-            try:
-                return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=use_mmap), use_mmap
-            except RuntimeError as err:
-                last = err
-                if "mmap" in str(err) and use_mmap:
-                    continue  # legacy serialisation: cannot be mapped
-                break
-            except pickle.UnpicklingError as err:
-                last = err
-                break
-            except (EOFError, ValueError, OSError) as err:
-                last = err
-                break
-        msg = str(last).strip().splitlines()[0] if last is not None and str(last).strip() else type(last).__name__
-        # the weights-only unpickler names the global it refused ("Unsupported global: GLOBAL
-        # src.modeling.ImageEncoder ..."); other failures mean the file is no torch pickle
-        refused = isinstance(last, pickle.UnpicklingError) and "unsupported global" in str(last).lower()
-        if not refused:
-            raise InputError(f"{path}: cannot read as a torch checkpoint ({msg})")
-        if not allow_pickle:
-            raise InputError(
-                f"{path}: holds pickled Python objects (e.g. a whole model), which torch.load"
-                f"(weights_only=True) refuses; if you trust the file, pass --allow-pickle"
-            )
-        for use_mmap in (True, False):
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=False, mmap=use_mmap,
-                                 pickle_module=_placeholder_pickle_module())
-                return obj, use_mmap
-            except RuntimeError as err:
-                if "mmap" in str(err) and use_mmap:
-                    continue
-                raise InputError(f"{path}: cannot unpickle ({str(err).splitlines()[0]})") from None
-            except Exception as err:  # arbitrary pickles fail in arbitrary ways
-                raise InputError(f"{path}: cannot unpickle ({type(err).__name__}: {err})") from None
-        raise InputError(f"{path}: cannot unpickle")
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def info(self, key: str) -> TensorInfo:
-        t = self._tensors[key]
-        return TensorInfo(tuple(t.shape), t.dtype)
-
-    def read(self, key: str, rows: tuple[int, int] | None = None) -> Tensor:
-        t = self._tensors[key]
-        info = TensorInfo(tuple(t.shape), t.dtype)
-        r0, r1 = _row_range(info, rows)
-        src = t[r0:r1] if (rows is not None and t.ndim) else t
-        out = src.detach().clone(memory_format=torch.contiguous_format)
-        if self._releaser is not None:
-            self._releaser.release(src)
-        return out
-
-    def close(self) -> None:
-        self._tensors = {}
-
-
-def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> CheckpointReader:
-    """Open a checkpoint for lazy reading: ``.safetensors`` by its header, anything else as a
-    torch file. Raises :class:`InputError` naming the file for a missing or unreadable file."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise InputError(f"not a file: {path}")
-    if path.suffix == ".safetensors":
-        return SafetensorsReader(path)
-    return TorchReader(path, allow_pickle=allow_pickle)
-
-
-def checkpoint_root_paths(root: str | os.PathLike, model: str, tasks: Sequence[str]) -> tuple[Path, list[Path]]:
-    """Base and expert files of a checkpoint root in the public layout.
-
-    Tried in order, per file: the tall-masks layout ``{root}/{model}/{Task}Val/nonlinear_finetuned.pt``
-    with base ``{root}/{model}/MNISTVal/nonlinear_zeroshot.pt`` (any ``*Val/nonlinear_zeroshot.pt``
-    if MNIST's is absent), then the older task-vectors layout ``{root}/{model}/{Task}/finetuned.pt``
-    with base ``{root}/{model}/zeroshot.pt``. Task names may be given with or without "Val".
-    """
-    folder = Path(root) / model
-    if not folder.is_dir():
-        raise InputError(f"checkpoint root has no folder for model '{model}': {folder}")
-    base_candidates = [folder / "MNISTVal" / "nonlinear_zeroshot.pt"]
-    base_candidates += sorted(folder.glob("*Val/nonlinear_zeroshot.pt"))
-    base_candidates += [folder / "zeroshot.pt"]
-    base = next((p for p in base_candidates if p.is_file()), None)
-    if base is None:
-        raise InputError(f"no zero-shot base under {folder} (looked for MNISTVal/nonlinear_zeroshot.pt and zeroshot.pt)")
-    experts = []
-    for task in tasks:
-        plain = task[:-3] if task.endswith("Val") else task
-        options = [folder / f"{plain}Val" / "nonlinear_finetuned.pt", folder / plain / "finetuned.pt",
-                   folder / task / "finetuned.pt"]
-        found = next((p for p in options if p.is_file()), None)
-        if found is None:
-            raise InputError(f"no fine-tuned checkpoint for task '{task}' under {folder} "
-                             f"(looked for {plain}Val/nonlinear_finetuned.pt and {plain}/finetuned.pt)")
-        experts.append(found)
-    return base, experts
 
 
 def expert_names(paths: Sequence[Path]) -> list[str]:
@@ -527,65 +118,6 @@ def sha256_file(path: str | os.PathLike, progress: Any = None) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- writer
-
-
-class SafetensorsWriter:
-    """Writes a ``.safetensors`` file tensor by tensor, in the order of ``infos``.
-
-    The header (shapes, dtypes, offsets, metadata) is written first; :meth:`write` then
-    appends each tensor's bytes and checks its key, shape and dtype."""
-
-    def __init__(self, path: str | os.PathLike, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None = None) -> None:
-        self.path = Path(path)
-        header: dict[str, Any] = {}
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        offset = 0
-        self._order = list(infos)
-        self._infos = dict(infos)
-        for key in self._order:
-            info = self._infos[key]
-            if info.dtype not in _ST_NAMES:
-                raise InputError(f"key '{key}': dtype {info.dtype} cannot be stored in safetensors")
-            header[key] = {"dtype": _ST_NAMES[info.dtype], "shape": list(info.shape),
-                           "data_offsets": [offset, offset + info.nbytes]}
-            offset += info.nbytes
-        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
-        raw += b" " * (-len(raw) % 8)
-        self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
-        self._next = 0
-
-    def write(self, key: str, tensor: Tensor) -> None:
-        if self._next >= len(self._order) or self._order[self._next] != key:
-            expected = self._order[self._next] if self._next < len(self._order) else "nothing"
-            raise RuntimeError(f"SafetensorsWriter: got '{key}', expected {expected}")
-        info = self._infos[key]
-        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
-            raise RuntimeError(f"SafetensorsWriter: '{key}' is {tuple(tensor.shape)} {tensor.dtype}, header says {info.shape} {info.dtype}")
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if flat.numel():
-            self._file.write(memoryview(flat.view(torch.uint8).numpy()))
-        self._next += 1
-
-    def close(self) -> None:
-        """Flush and close; raises if some tensors were never written."""
-        if self._file.closed:
-            return
-        missing = len(self._order) - self._next
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        if missing:
-            raise RuntimeError(f"SafetensorsWriter: {missing} tensors were never written")
-
-    def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-
-
 # ----------------------------------------------------------------------------- engine
 
 LOCAL_METHODS = frozenset({"ta", "average", "iso-c", "iso-cts", "tsv", "ho-sb"})
@@ -602,14 +134,85 @@ def _work_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _check_params(method: str, params: Mapping[str, Any]) -> None:
-    fn = get_method(method).fn
-    sig = inspect.signature(fn)
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
-    allowed = [n for n in list(sig.parameters)[1:] if sig.parameters[n].kind is not inspect.Parameter.VAR_KEYWORD]
-    for name in params:
-        if not accepts_any and name not in allowed:
-            raise InputError(f"method '{method}' has no parameter '{name}' (accepted: {', '.join(allowed) or 'none'})")
+_PARAM_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "top_k": (lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1] (0.2 keeps 20%)"),
+    "k": (lambda v: v >= 1, "an integer ≥ 1"),
+    "lambdas": (lambda v: v >= 0.0, "≥ 0"),
+    "common_fraction": (lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]"),
+    "beta": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "pi": (lambda v: v > 0.0, "> 0"),
+}
+_PARAM_CHOICES: dict[str, tuple[str, ...]] = {"base": ("ta", "ties"), "layer_types": ("attn", "mlp")}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def check_method_params(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the parameters of a registered method against its signature (names, types
+    from the annotations, documented ranges) and return them normalised; raise
+    :class:`~subboost.io.InputError` naming the method, the parameter and the bad value."""
+    if method not in METHODS:
+        raise InputError(f"unknown merging method '{method}'; known: {', '.join(METHODS)}")
+    sig = inspect.signature(get_method(method).fn)
+    accepted = {n: p for i, (n, p) in enumerate(sig.parameters.items())
+                if i > 0 and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        if name not in accepted and open_ended:
+            out[name] = value  # passed on to the method, which checks it
+            continue
+        if name not in accepted:
+            raise InputError(f"method '{method}' has no parameter '{name}' (accepted: {', '.join(accepted) or 'none'})")
+        ann = accepted[name].annotation
+        ann = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
+        ann = ann.replace(" ", "")
+
+        def bad(expected: str) -> InputError:
+            return InputError(f"method '{method}': parameter '{name}' must be {expected}, got {value!r}")
+
+        if ann == "float":
+            if not _is_number(value):
+                raise bad("a finite number")
+            value = float(value)
+        elif ann == "int":
+            if isinstance(value, float) and _is_number(value) and value.is_integer():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad("an integer")
+        elif ann == "bool":
+            if not isinstance(value, bool):
+                raise bad("true or false")
+        elif ann == "str":
+            if not isinstance(value, str):
+                raise bad("a string")
+        elif ann.startswith("float|Sequence[float]"):
+            if isinstance(value, list) and value and all(_is_number(v) for v in value):
+                value = [float(v) for v in value]
+            elif _is_number(value):
+                value = float(value)
+            else:
+                raise bad("a finite number or a non-empty list of numbers")
+        elif ann.startswith("Iterable[str]"):
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+                raise bad("a non-empty list of names")
+        else:
+            raise InputError(f"method '{method}': parameter '{name}' cannot be given as a value")
+        if name in _PARAM_RANGES:
+            ok, expected = _PARAM_RANGES[name]
+            values = value if isinstance(value, list) else [value]
+            if not all(ok(v) for v in values):
+                raise bad(expected)
+        if name in _PARAM_CHOICES:
+            values = value if isinstance(value, list) else [value]
+            if not all(v in _PARAM_CHOICES[name] for v in values):
+                raise bad("one of " + ", ".join(_PARAM_CHOICES[name]))
+        out[name] = value
+    return out
 
 
 def block_keys(reader: CheckpointReader, layer_types: Iterable[str] = ("attn", "mlp"), include_proj: bool = False) -> list[str]:
@@ -805,10 +408,7 @@ def merged_deltas(
     if given, receives the Subspace Boosting report rows. Methods outside
     :data:`LOCAL_METHODS`, :data:`GLOBAL_METHODS` and Consensus are merged in memory.
     """
-    if method not in METHODS:
-        raise InputError(f"unknown merging method '{method}'; known: {', '.join(sorted(METHODS))}")
-    params = dict(params or {})
-    _check_params(method, params)
+    params = check_method_params(method, dict(params or {}))
     experts = list(experts)
     if not experts:
         raise InputError("need at least one expert")
@@ -819,6 +419,9 @@ def merged_deltas(
     options = dict(boost_options or {})
 
     def boosted(key: str, value: Tensor) -> Tensor:
+        if not all_finite(value):
+            raise InputError(f"the merged update of key '{key}' ({method}) is not finite: "
+                             f"{value.dtype} overflow? (experts' differences too large for their dtype)")
         if boost_beta is None:
             return value
         out, report = boost_task_vector_with_report({key: value}, boost_beta, **options)
@@ -929,16 +532,22 @@ def stream_merge(
     device: str | torch.device = "cpu",
     memory_budget: int = 512 << 20,
     progress: bool = False,
+    overwrite: bool = False,
+    label: str | None = None,
 ) -> MergeReport:
     """Merge ``experts`` onto ``base`` and write θ0 + α·Δm to ``output`` (safetensors),
     tensor by tensor. Δm = method → Subspace Boosting (``boost_beta``) → LiNeS (``lines_b``),
     as :func:`subboost.merging.merge`; keys outside the task vector (integer buffers) are
     copied from the base; dtypes are the base's.
 
-    The file appears only when complete (temporary file + rename). ``metadata`` is stored
-    in the safetensors header, together with the method, its parameters, α, β and LiNeS.
+    The file appears only when complete and every merged tensor is finite
+    (:func:`subboost.io.atomic_path`: an existing ``output`` is an error unless
+    ``overwrite``; ``label`` names it in messages, e.g. ``"--output"``). ``metadata`` is
+    stored in the safetensors header, together with the method, its parameters, α, β and
+    LiNeS.
     """
     start = time.perf_counter()
+    params = check_method_params(method, dict(params or {}))
     if not math.isfinite(float(alpha)):
         raise InputError(f"alpha must be finite, got {alpha}")
     for label, value in (("lines b", lines_b), ("lines a", lines_a), ("boost beta", boost_beta)):
@@ -974,10 +583,11 @@ def stream_merge(
 
     inputs = [base.path] + [r.path for r in experts]
     for path in inputs:
-        if _same_file(path, output):
-            raise InputError(f"output {output} is one of the inputs ({path}); refusing to overwrite an input")
+        if same_file(path, output):
+            raise InputError(f"{label or 'output'} {output} is one of the inputs ({path}); refusing to overwrite an input")
 
     with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(output, overwrite=overwrite, label=label))
         a_used = lines_a
         deltas: Iterator[tuple[str, Tensor]]
         spilled = False
@@ -1011,7 +621,6 @@ def stream_merge(
             deltas = delta_iter()
         scales = lines_scales(task_keys, a_used, lines_b) if lines_b is not None else None
         meta["subboost.lines_a"] = "none" if a_used is None else repr(float(a_used))
-        tmp = stack.enter_context(atomic_path(output))
         writer = SafetensorsWriter(tmp, infos, meta)
         try:
             pending = next(deltas, None)
@@ -1026,6 +635,9 @@ def stream_merge(
                     pending = next(deltas, None)
                 else:
                     merged = b
+                if not all_finite(merged):
+                    raise InputError(f"merged tensor '{key}' is not finite (NaN or Inf: {merged.dtype} overflow "
+                                     f"with alpha={float(alpha):g}?); nothing was written")
                 writer.write(key, merged)
                 bar.update(1)
             bar.close()
@@ -1040,21 +652,9 @@ def stream_merge(
                        len(experts), len(keys_all), time.perf_counter() - start, boost, meta)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if Path(a).exists() and Path(b).exists():
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return Path(a).resolve() == Path(b).resolve()
-
-
 @contextlib.contextmanager
 def _temporary_file(folder: Path, prefix: str) -> Iterator[Path]:
-    """A temporary file in ``folder`` (created if needed), always removed at the end."""
-    import tempfile
-
-    folder.mkdir(parents=True, exist_ok=True)
+    """A temporary file in ``folder`` (which exists), always removed at the end."""
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     os.close(fd)
     try:

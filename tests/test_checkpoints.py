@@ -1,11 +1,12 @@
-"""Checkpoint loading/saving: formats, clear errors, atomic writes."""
+"""The checkpoint I/O layer (subboost.io): formats, hostile files, the key rule, layouts,
+atomic and exclusive writes."""
 
 import os
 
 import pytest
 import torch
 
-from subboost.checkpoints import atomic_path, load_state_dict, save_state_dict
+from subboost.io import atomic_path, load_state_dict, save_state_dict
 
 
 def sd():

@@ -262,7 +262,7 @@ def test_full_profile_trains_every_block(tmp_path):
     """The full profile's path (all six blocks, cached embedding output) on a tiny budget."""
     cfg = get_config("full", tasks=("number",), steps=2, batch_size=8, warmup=1, n_train=16, n_val=8, n_test=8)
     folder = build(cfg, root=tmp_path, progress=False)
-    from subboost.checkpoints import load_state_dict
+    from subboost.io import load_state_dict
 
     tensors = load_state_dict(folder / "experts" / "number.safetensors")
     assert {int(k.split(".")[2]) for k in tensors} == set(range(6))

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from subboost.checkpoints import load_state_dict
+from subboost.io import load_state_dict
 from subboost.zoo import TASK_NAMES, TASKS, build, generate, get_config, get_task, zoo_dir
 from subboost.zoo import render as R
 from subboost.zoo.model import WordTokenizer, build_head, create_model, split_words

@@ -29,7 +29,7 @@ from typing import Callable, ClassVar
 import torch
 from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
-from subboost.checkpoints import load_state_dict, save_state_dict
+from subboost.io import load_state_dict, save_state_dict
 from subboost.evaluate import resolve_device
 from subboost.langzoo import tasks as T
 from subboost.langzoo.model import (

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from subboost.checkpoints import load_state_dict
+from subboost.io import load_state_dict
 from subboost.evaluate import DEFAULT_ALPHAS, best_alpha, resolve_device
 from subboost.langzoo import tasks as T
 from subboost.langzoo.build import LangZooConfig, load_expert_tensors, split_inputs

@@ -117,7 +117,7 @@ def register_model_config(name: str, config: dict, directory: str | Path) -> Pat
     path = directory / f"{name}.json"
     text = json.dumps(config, indent=2, sort_keys=True)
     if not path.is_file() or path.read_text() != text:
-        from subboost.checkpoints import atomic_path
+        from subboost.io import atomic_path
 
         with atomic_path(path) as tmp:
             tmp.write_text(text)
