@@ -550,9 +550,9 @@ def stream_merge(
     params = check_method_params(method, dict(params or {}))
     if not math.isfinite(float(alpha)):
         raise InputError(f"alpha must be finite, got {alpha}")
-    for label, value in (("lines b", lines_b), ("lines a", lines_a), ("boost beta", boost_beta)):
+    for what, value in (("lines b", lines_b), ("lines a", lines_a), ("boost beta", boost_beta)):
         if value is not None and not math.isfinite(float(value)):
-            raise InputError(f"{label} must be finite, got {value}")
+            raise InputError(f"{what} must be finite, got {value}")
     if boost_beta is not None and not 0.0 <= float(boost_beta) <= 1.0:
         raise InputError(f"boost beta must lie in [0, 1], got {boost_beta}")
     output = Path(output)

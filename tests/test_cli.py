@@ -159,8 +159,11 @@ def test_merge_from_checkpoint_root_with_pickled_modules(tmp_path):
     assert not out.exists()
     proc = run(*args, "--allow-pickle")
     assert proc.returncode == 0, proc.stderr
-    sd = {n: torch.load(folder / f"{n}Val" / "nonlinear_finetuned.pt.sd.pt", weights_only=True) for n in ("Cars", "DTD")}
-    base = torch.load(folder / "MNISTVal" / "nonlinear_zeroshot.pt.sd.pt", weights_only=True)
+    def stripped(path: Path) -> dict:  # the one key rule: the wrapper's "model." prefix goes
+        return {k.removeprefix("model."): v for k, v in torch.load(path, weights_only=True).items()}
+
+    sd = {n: stripped(folder / f"{n}Val" / "nonlinear_finetuned.pt.sd.pt") for n in ("Cars", "DTD")}
+    base = stripped(folder / "MNISTVal" / "nonlinear_zeroshot.pt.sd.pt")
     vectors = list(task_vectors(base, sd).values())
     expected = apply_task_vector(base, merge(vectors, "ta", boost_beta=0.0), 0.5)
     assert_model(out, expected)
@@ -330,3 +333,322 @@ def test_device_cuda_unavailable_is_bad_input(data, tmp_path):
                "--output", tmp_path / "c.safetensors")
     assert_bad_input(proc, "CUDA")
     assert not os.path.exists(tmp_path / "c.safetensors")
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+# In-process runs of the entry point (``main(argv)``) where no subprocess is needed: the
+# exit code, exactly one line on stderr, and what is left on disk.
+
+
+def main_run(capsys, *args: object) -> tuple[int, str, str]:
+    from subboost.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse errors
+        code = int(exc.code)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> str:
+    assert code == 2, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def _hidden_or_temp(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp"))
+
+
+def test_non_finite_merged_result_exit_2_naming_the_key(capsys, tmp_path):
+    """float16 experts whose summed update exceeds 65504, and α = 1e300 on float32: the
+    result is checked before it is published."""
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    base = {key: torch.zeros(8, 4, dtype=torch.float16), "visual.ln_post.bias": torch.zeros(4, dtype=torch.float16)}
+    for i in range(3):
+        e = {k: v.clone() for k, v in base.items()}
+        e[key].fill_(30000.0)  # each finite; the sum of the three updates is 90000 > 65504
+        save_file(e, tmp_path / f"h{i}.safetensors")
+    save_file(base, tmp_path / "b16.safetensors")
+    out = tmp_path / "inf.safetensors"
+    code, _, err = main_run(capsys, "merge", "--base", tmp_path / "b16.safetensors", "--experts",
+                            *[tmp_path / f"h{i}.safetensors" for i in range(3)], "--output", out)
+    assert_one_line_error(code, err, key, "not finite")
+    assert not out.exists()
+    base32 = {key: torch.zeros(8, 4)}
+    e32 = {key: torch.full((8, 4), 0.5)}
+    save_file(base32, tmp_path / "b32.safetensors")
+    save_file(e32, tmp_path / "e32.safetensors")
+    code, _, err = main_run(capsys, "merge", "--base", tmp_path / "b32.safetensors", "--experts", tmp_path / "e32.safetensors",
+                            "--alpha", "1e300", "--output", out)
+    assert_one_line_error(code, err, key, "not finite")
+    assert not out.exists() and _hidden_or_temp(tmp_path) == []
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+def hostile_safetensors(folder: Path, like: dict) -> dict[str, Path]:
+    """Crafted files with the keys of ``like`` (a valid state dict) except for one bad entry."""
+    import struct
+
+    def header_of(sd: dict) -> tuple[dict, bytes]:
+        h, off, blob = {}, 0, b""
+        for k, v in sd.items():
+            b = v.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b""
+            names = {torch.float32: "F32", torch.int64: "I64"}
+            h[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
+            off += len(b)
+            blob += b
+        return h, blob
+
+    h, blob = header_of(like)
+    key = "visual.proj"
+    out = {}
+    neg = json.loads(json.dumps(h))
+    neg[key]["data_offsets"] = [-64, neg[key]["data_offsets"][1] - neg[key]["data_offsets"][0] - 64]
+    out["negative_offsets"] = _raw_safetensors(folder / "negoff.safetensors", neg, blob)
+    over = json.loads(json.dumps(h))
+    first = next(iter(over))
+    over[key]["data_offsets"] = list(over[first]["data_offsets"])
+    over[key]["shape"] = list(over[first]["shape"])
+    out["overlapping"] = _raw_safetensors(folder / "overlap.safetensors", over, blob)
+    negshape = json.loads(json.dumps(h))
+    negshape[key]["shape"] = [-negshape[key]["shape"][0], negshape[key]["shape"][1]]
+    out["negative_shape"] = _raw_safetensors(folder / "negshape.safetensors", negshape, blob)
+    baddtype = json.loads(json.dumps(h))
+    baddtype[key]["dtype"] = "Q4"
+    out["bad_dtype"] = _raw_safetensors(folder / "q4.safetensors", baddtype, blob)
+    meta = json.loads(json.dumps(h))
+    meta["__metadata__"] = [["format", "pt"]]
+    out["malformed_metadata"] = _raw_safetensors(folder / "badmeta.safetensors", meta, blob)
+    meta2 = json.loads(json.dumps(h))
+    meta2["__metadata__"] = {"format": 1}
+    out["metadata_not_strings"] = _raw_safetensors(folder / "badmeta2.safetensors", meta2, blob)
+    out["truncated"] = _raw_safetensors(folder / "short.safetensors", h, blob[: len(blob) // 2])
+    (folder / "huge.safetensors").write_bytes(struct.pack("<Q", 1 << 62) + b"{}")
+    out["huge_header"] = folder / "huge.safetensors"
+    (folder / "empty.safetensors").write_bytes(b"")
+    out["empty"] = folder / "empty.safetensors"
+    if hasattr(torch, "float8_e4m3fn"):
+        fp8 = dict(like)
+        fp8[key] = like[key].to(torch.float8_e4m3fn)
+        save_file(fp8, folder / "fp8.safetensors")
+        out["fp8"] = folder / "fp8.safetensors"
+    return out
+
+
+def test_crafted_safetensors_exit_2_naming_the_file(data, capsys, tmp_path):
+    r = data["root"]
+    for case, path in hostile_safetensors(tmp_path, data["experts"]["Cars"]).items():
+        out = tmp_path / "out.safetensors"
+        code, _, err = main_run(capsys, "merge", "--base", r / "base.safetensors", "--experts", r / "DTD.safetensors",
+                                path, "--output", out)
+        line = assert_one_line_error(code, err, str(path))
+        assert not out.exists(), case
+        if case == "fp8":
+            assert "visual.proj" in line and "F8_E4M3" in line
+    assert _hidden_or_temp(tmp_path) == []
+
+
+def test_torch_files_with_sparse_or_non_tensor_entries(data, capsys, tmp_path):
+    r = data["root"]
+    base = data["base"]
+    cases = {
+        "sparse": ({**data["experts"]["Cars"], "visual.proj": data["experts"]["Cars"]["visual.proj"].to_sparse()}, "visual.proj"),
+        "list": ({**data["experts"]["Cars"], "extra_list": [1, 2, 3]}, "extra_list"),
+        "complex": ({**data["experts"]["Cars"], "visual.proj": data["experts"]["Cars"]["visual.proj"].to(torch.complex64)}, "visual.proj"),
+    }
+    for name, (sd, key) in cases.items():
+        torch.save(sd, tmp_path / f"{name}.pt")
+        code, _, err = main_run(capsys, "merge", "--base", r / "base.safetensors", "--experts", tmp_path / f"{name}.pt",
+                                "--output", tmp_path / "o.safetensors")
+        assert_one_line_error(code, err, f"{name}.pt", key)
+    # stray metadata scalars beside the tensors (model_name, epoch) are ignored: same result as without
+    torch.save({**data["experts"]["Cars"], "model_name": "ViT-B-32", "epoch": 3}, tmp_path / "meta.pt")
+    code, _, err = main_run(capsys, "merge", "--base", r / "base.safetensors", "--experts", tmp_path / "meta.pt",
+                            "--output", tmp_path / "m.safetensors", "--no-hash")
+    assert code == 0, err
+    assert_model(tmp_path / "m.safetensors", apply_task_vector(base, merge(list(task_vectors(base, {"c": data["experts"]["Cars"]}).values()), "ta"), 1.0))
+
+
+def test_protocol_4_pickle_gives_one_line_without_warnings(data, capsys, tmp_path):
+    import pickle
+
+    with open(tmp_path / "p4.pt", "wb") as fh:
+        pickle.dump(dict(data["experts"]["Cars"]), fh, protocol=4)
+    proc = run("merge", "--base", data["root"] / "base.safetensors", "--experts", tmp_path / "p4.pt",
+               "--output", tmp_path / "o.safetensors")
+    assert_bad_input(proc, "p4.pt", "cannot read as a torch checkpoint")
+    assert "Warning" not in proc.stderr
+
+
+EVIL = """
+import os, sys, torch
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+torch.save({"visual.proj": torch.zeros(2, 2), "payload": Evil()}, sys.argv[1])
+"""
+
+
+def test_malicious_pickle_never_runs_even_with_allow_pickle(data, capsys, tmp_path):
+    script = tmp_path / "evil.py"
+    script.write_text(EVIL)
+    marker = tmp_path / "PWNED"
+    subprocess.run([sys.executable, str(script), str(tmp_path / "evil.pt"), str(marker)], check=True)
+    for extra in ([], ["--allow-pickle"]):
+        code, _, err = main_run(capsys, "merge", "--base", data["root"] / "base.safetensors", "--experts",
+                                tmp_path / "evil.pt", "--output", tmp_path / "o.safetensors", *extra)
+        assert_one_line_error(code, err, "evil.pt")
+        assert not marker.exists()
+    assert "system" in err  # the refused global is named
+
+
+def _slow_merge_args(tmp_path: Path) -> list:
+    """A merge that takes a few seconds: one large non-block tensor, merged one row per block."""
+    big = {"visual.ln_post.bias": torch.zeros(4), "token_embedding.weight": torch.zeros(60000, 16)}
+    save_file(big, tmp_path / "big_base.safetensors")
+    for i in range(2):
+        save_file({k: v + i + 1 for k, v in big.items()}, tmp_path / f"big{i}.safetensors")
+    return ["merge", "--base", tmp_path / "big_base.safetensors", "--experts",
+            *[tmp_path / f"big{i}.safetensors" for i in range(2)], "--memory-budget", "0", "--no-hash"]
+
+
+@pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGHUP", 129), ("SIGINT", 130)])
+def test_signals_remove_the_temporary_file_and_keep_the_old_output(tmp_path, signame, code):
+    import signal
+    import time
+
+    args = _slow_merge_args(tmp_path)
+    out = tmp_path / "out" / "merged.safetensors"
+    out.parent.mkdir()
+    out.write_bytes(b"previous result")
+    proc = subprocess.Popen(ENTRY + [str(a) for a in args + ["--output", out, "--overwrite"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 240
+    while not list(out.parent.glob(".merged.safetensors.*.tmp")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.5)
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged.safetensors"]
+    assert out.read_bytes() == b"previous result"
+
+
+def test_concurrent_merges_to_one_new_name_exactly_one_wins(tmp_path):
+    args = _slow_merge_args(tmp_path)
+    out = tmp_path / "race.safetensors"
+    procs = [subprocess.Popen(ENTRY + [str(a) for a in args + ["--output", out]], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.communicate()[1]) for p in procs]
+    codes = sorted(c for c, _ in results)
+    assert codes == [0, 2], results
+    loser = next(e for c, e in results if c == 2)
+    assert "exists" in loser and str(out) in loser
+    assert _hidden_or_temp(tmp_path) == []
+    assert load_file(out)["token_embedding.weight"].shape == (60000, 16)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_outputs_respect_the_umask(data, capsys, tmp_path, umask):
+    r = data["root"]
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "u.safetensors"
+        code, _, err = main_run(capsys, "merge", "--base", r / "base.safetensors", "--experts", r / "Cars.safetensors",
+                                "--output", out, "--no-hash")
+        js = tmp_path / "sel.json"
+        code2, _, err2 = main_run(capsys, "select", "--base", r / "base.safetensors", "--experts",
+                                  *[r / f"{t}.safetensors" for t in TASKS[:3]], "--pool", "Cars", "--k", "1",
+                                  "--output", js)
+    finally:
+        os.umask(old)
+    assert code == 0 and code2 == 0, (err, err2)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert js.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_failures_leave_nothing_behind(data, capsys, tmp_path):
+    r = data["root"]
+    experts = [r / f"{t}.safetensors" for t in TASKS[:2]]
+    for command in ("diagnose", "select"):
+        extra = ["--k", "1", "--pool", "Cars"] if command == "select" else []
+        out = tmp_path / f"{command}.json"
+        code, _, err = main_run(capsys, command, "--base", r / "base.safetensors", "--experts", *experts, *extra,
+                                "--output", out, "--plot", tmp_path / "figure.xyz")
+        assert_one_line_error(code, err, "--plot", "xyz")
+        assert not out.exists()
+        same = tmp_path / "r.png"
+        code, _, err = main_run(capsys, command, "--base", r / "base.safetensors", "--experts", *experts, *extra,
+                                "--output", same, "--plot", same)
+        assert_one_line_error(code, err, "--output", "--plot")
+        assert not same.exists()
+    # a failed merge into new nested folders removes the folders it created
+    nan = {k: v.clone() for k, v in data["experts"]["Cars"].items()}
+    nan["visual.proj"][0, 0] = float("nan")
+    save_file(nan, tmp_path / "nan.safetensors")
+    nested = tmp_path / "new" / "deeper" / "m.safetensors"
+    code, _, err = main_run(capsys, "merge", "--base", r / "base.safetensors", "--experts", r / "DTD.safetensors",
+                            tmp_path / "nan.safetensors", "--output", nested)
+    assert_one_line_error(code, err, "nan.safetensors", "visual.proj")
+    assert not (tmp_path / "new").exists()
+    assert _hidden_or_temp(tmp_path) == []
+
+
+def test_tracebacks_become_exit_2(data, capsys, tmp_path):
+    r = data["root"]
+    code, _, err = main_run(capsys, "diagnose", "--base", r / "base.safetensors", "--experts", r / "base.pt")
+    assert_one_line_error(code, err, "zero")
+    base = ["merge", "--base", r / "base.safetensors", "--experts", *[r / f"{t}.safetensors" for t in TASKS[:2]],
+            "--output", tmp_path / "o.safetensors"]
+    for method, param, needles in [
+        ("ties", "top_k=[1,2]", ["top_k", "[1, 2]"]),
+        ("ties", "top_k=null", ["top_k", "None"]),
+        ("ties", "top_k=abc", ["top_k", "'abc'"]),
+        ("ties", "top_k=true", ["top_k"]),
+        ("consensus", "k=abc", ["parameter 'k'", "'abc'"]),
+        ("consensus", "k=0", ["parameter 'k'"]),
+        ("consensus", "lambdas=[]", ["lambdas"]),
+        ("consensus", "base=magic", ["base", "magic"]),
+        ("iso-cts", "common_fraction=2", ["common_fraction"]),
+        ("ho-sb", "pi=-1", ["pi"]),
+        ("tsv", "layer_types=[\"conv\"]", ["layer_types"]),
+    ]:
+        code, _, err = main_run(capsys, *base, "--method", method, "--param", param)
+        assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_unwritable_outputs_are_named_not_the_temporary_file(data, capsys, tmp_path):
+    r = data["root"]
+    targets = [Path("/proc/subboost-test/merged.safetensors"), Path("/proc/merged.safetensors")]
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        targets.append(ro / "merged.safetensors")
+    for target in targets:
+        code, _, err = main_run(capsys, "merge", "--base", r / "base.safetensors", "--experts", r / "Cars.safetensors",
+                                "--output", target, "--no-hash")
+        line = assert_one_line_error(code, err, "--output", str(target))
+        assert ".tmp" not in line
+
+
+def test_python_dash_m_subboost_is_the_command(data, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "subboost", "--version"], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0 and proc.stdout.startswith("subboost ")
+    bad = subprocess.run([sys.executable, "-m", "subboost", "merge", "--base", data["root"] / "nope.safetensors",
+                          "--experts", data["root"] / "Cars.safetensors", "--output", tmp_path / "o.safetensors"],
+                         capture_output=True, text=True, env=ENV)
+    assert_bad_input(bad, "not found", "nope.safetensors")
