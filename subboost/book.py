@@ -135,8 +135,12 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
     - ``betas`` and every ``*betas``: non-empty list of numbers in [0, 1] (Alg. 1's β);
     - ``alpha_grid`` and every ``*alpha_grid``: non-empty list of finite numbers > 0;
     - ``gammas`` and every ``*gammas``: non-empty list of finite numbers ≥ 0 (Supp. E.4);
-    - ``zoo_root``, ``checkpoint_root``: ``None`` or an existing directory;
-    - ``model``: ``None`` or a non-empty string.
+    - ``zoo_root``, ``checkpoint_root``, ``data_root``: ``None`` or an existing directory;
+    - ``model``: ``None`` or a non-empty string;
+    - ``pi``: a finite number > 0 (HO-GSVD's π, :func:`subboost.interpret.check_pi`);
+    - ``n_random_draws``, ``n_repeats``, ``matrix_size``: ``None`` or an integer ≥ 1;
+      ``esm_images``: an integer ≥ 1; ``run_*``: true or false;
+    - ``lines_b_grid``: non-empty list of finite numbers.
 
     ``None`` is accepted for the prefixed list names (e.g. ``sweep_task_counts``), meaning
     "the profile's default"; never for ``task_counts``, ``betas``, ``alpha_grid``, ``gammas``.
@@ -190,7 +194,30 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
                 if not _is_number(v) or float(v) < 0:
                     raise ParameterError(name, f"exponents γ must be finite and ≥ 0, got {v!r} in {items}")
             out[name] = [float(v) for v in items]
-        elif name in ("zoo_root", "checkpoint_root"):
+        elif name == "pi":
+            from subboost.interpret import check_pi
+
+            try:
+                out[name] = check_pi(value)
+            except ValueError as err:
+                raise ParameterError(name, str(err).split(": ", 1)[-1]) from None
+        elif name in ("n_random_draws", "n_repeats", "matrix_size", "esm_images"):
+            if value is None and name != "esm_images":
+                out[name] = None
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ParameterError(name, f"expected {'None or ' if name != 'esm_images' else ''}an integer ≥ 1, got {value!r}")
+            else:
+                out[name] = value
+        elif name.startswith("run_"):
+            if not isinstance(value, bool):
+                raise ParameterError(name, f"expected true or false, got {value!r}")
+            out[name] = value
+        elif name == "lines_b_grid":
+            items = _as_list(name, value)
+            if not all(_is_number(v) for v in items):
+                raise ParameterError(name, f"LiNeS b values must be finite numbers, got {items}")
+            out[name] = [float(v) for v in items]
+        elif name in ("zoo_root", "checkpoint_root", "data_root"):
             if value is not None and not Path(value).is_dir():
                 raise ParameterError(name, f"{value!r} is not an existing directory")
             out[name] = None if value is None else Path(value)
@@ -276,6 +303,11 @@ class BookError(RuntimeError):
     """A problem with the book's sources, execution or build (message is user-facing)."""
 
 
+class BookInputError(BookError):
+    """A bad request to the runner (unknown chapter or parameter, a runner option passed as
+    ``--param``); exit code 2 like :class:`ParameterError`, not 1 (a chapter failed)."""
+
+
 @dataclass(frozen=True)
 class Chapter:
     """One chapter: ``name`` (file stem, e.g. ``02_propositions``) and its MyST source."""
@@ -299,7 +331,7 @@ def select_chapters(chapters: Sequence[Chapter], selectors: Sequence[str] | None
     for sel in selectors:
         hits = [c for c in chapters if c.name == sel or c.name.startswith(sel)]
         if not hits:
-            raise BookError(f"no chapter matches '{sel}'; chapters: {', '.join(c.name for c in chapters)}")
+            raise BookInputError(f"no chapter matches '{sel}'; chapters: {', '.join(c.name for c in chapters)}")
         picked.extend(h for h in hits if h not in picked)
     return sorted(picked, key=lambda c: c.name)
 
@@ -348,15 +380,15 @@ def parse_param(text: str) -> tuple[str, Any]:
     import yaml
 
     if "=" not in text:
-        raise BookError(f"--param expects key=value, got '{text}'")
+        raise BookInputError(f"--param expects key=value, got '{text}'")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key.isidentifier():
-        raise BookError(f"--param: '{key}' is not a valid parameter name")
+        raise BookInputError(f"--param: '{key}' is not a valid parameter name")
     try:
         return key, yaml.safe_load(raw)
     except yaml.YAMLError as err:
-        raise BookError(f"--param {key}: cannot parse value '{raw}': {err}") from None
+        raise BookInputError(f"--param {key}: cannot parse value '{raw}': {err}") from None
 
 
 # =============================================================================== execution
@@ -472,8 +504,34 @@ def _check_overrides(chapters: Sequence[Chapter], overrides: Mapping[str, Any]) 
         declared |= set(declared_parameters(load_chapter(ch), ch.name))
     unknown = [k for k in overrides if k not in declared]
     if unknown:
-        raise BookError(f"parameter '{unknown[0]}' is not declared by any selected chapter "
+        raise BookInputError(f"parameter '{unknown[0]}' is not declared by any selected chapter "
                         f"(declared: {', '.join(sorted(declared))})")
+
+
+def check_chapter_parameters(chapter: Chapter, *, profile: str, device: str, seed: int,
+                             overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Validate the parameters one chapter will run with (its declared defaults, the
+    runner's values and the ``overrides`` it declares) with the checks its own validation
+    cell applies, without starting a kernel; raise :class:`ParameterError` naming the
+    parameter. Chapter 2's sizes go through :func:`subboost.synthetic.chapter_setup`."""
+    declared = declared_parameters(load_chapter(chapter), chapter.name)
+    values = {k: v for k, v in declared.items() if not isinstance(v, str) or k in ("profile", "device", "model")
+              or k.endswith("_root")}
+    values.update(profile=profile, device=device, seed=seed)
+    values.update({k: v for k, v in (overrides or {}).items() if k in declared})
+    values.pop("output_dir", None)  # set by the runner per chapter; created when it runs
+    checked = validate_parameters(**values)
+    sizes = ("matrix_size", "n_repeats", "common_rank", "noise_fraction")
+    if any(k in declared for k in sizes):
+        from subboost.synthetic import chapter_setup
+
+        kwargs = {k: checked[k] for k in sizes + ("sweep_task_counts",) if k in checked}
+        try:
+            chapter_setup(checked["profile"], seed=checked["seed"], **kwargs)
+        except ValueError as err:
+            m = re.match(r"parameter '(\w+)': (.*)", str(err))
+            raise ParameterError(m.group(1), m.group(2)) if m else ParameterError("profile", str(err)) from None
+    return checked
 
 
 def execute_book(
@@ -496,13 +554,15 @@ def execute_book(
     overrides = dict(overrides or {})
     reserved = [k for k in overrides if k in REQUIRED_PARAMETERS]
     if reserved:
-        raise BookError(f"set {', '.join(reserved)} with the runner's own options (--profile, --device, --seed, "
+        raise BookInputError(f"set {', '.join(reserved)} with the runner's own options (--profile, --device, --seed, "
                         f"--executed-dir), not with --param")
     validate_parameters(profile=profile, device=device, seed=seed, **overrides)
     selected = select_chapters(discover_chapters(notebooks_dir), chapters)
     if not selected:
         raise BookError(f"no chapters found in {notebooks_dir}")
     _check_overrides(selected, overrides)
+    for ch in selected:  # every chapter's values, before the first kernel starts
+        check_chapter_parameters(ch, profile=profile, device=device, seed=seed, overrides=overrides)
     executed_dir = Path(executed_dir)
     executed_dir.mkdir(parents=True, exist_ok=True)
     report_path = executed_dir / REPORT_NAME
@@ -715,7 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             site = build_site(executed_dir=args.executed_dir, stage_dir=args.stage_dir, site_dir=args.site_dir, log=log)
             log(f"[book] site built in {time.perf_counter() - t0:.1f} s: {first_chapter_page(site)}")
-    except ParameterError as err:
+    except (ParameterError, BookInputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BookError as err:

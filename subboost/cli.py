@@ -567,30 +567,41 @@ def _one_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code (0 ok, 1 internal error, 2 bad input,
     130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
-    from subboost.io import InputError, Interrupted, interrupt_signals
+    from subboost.io import InputError, ReceivedSignal, interrupt_signals
 
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"subboost {args.command}"
+    received = ReceivedSignal()
     try:
-        with interrupt_signals():
+        with interrupt_signals() as received:
             if getattr(args, "threads", None):
                 import torch
 
                 torch.set_num_threads(args.threads)  # this process is the application: its choice
             return int(args.func(args))
-    except Interrupted as err:
-        sys.stderr.write(f"{prog}: interrupted ({err})\n")
-        return err.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{prog}: interrupted\n")
-        return EXIT_INTERRUPTED
-    except Exception as err:
+    except BaseException as err:
+        if received.signum is not None or isinstance(err, KeyboardInterrupt):
+            # native code may have turned the signal's exception into another one
+            name = "SIGINT" if received.signum is None else signal_name(received.signum)
+            sys.stderr.write(f"{prog}: interrupted ({name})\n")
+            return received.exit_code or EXIT_INTERRUPTED
+        if not isinstance(err, Exception):
+            raise
         bad = isinstance(err, (BadInput, InputError, ValueError, OSError))
         if args.debug or not bad:
             raise
         sys.stderr.write(f"{prog}: error: {_one_line(err)}\n")
         return EXIT_BAD_INPUT
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 if __name__ == "__main__":

@@ -71,16 +71,48 @@ def test_cli_rejects_bad_values_before_starting_a_kernel(capsys):
     assert "parameter 'betas'" in capsys.readouterr().err
     assert book.main(["execute", "--profile", "smoke", "--param", "task_counts=[]"]) == 2
     assert "parameter 'task_counts'" in capsys.readouterr().err
-    assert book.main(["execute", "--profile", "smoke", "--chapters", "02", "--param", "no_such=1"]) == 1
+    # bad requests to the runner are bad input (2), not a failed chapter (1)
+    assert book.main(["execute", "--profile", "smoke", "--chapters", "02", "--param", "no_such=1"]) == 2
     assert "parameter 'no_such' is not declared" in capsys.readouterr().err
-    assert book.main(["execute", "--profile", "smoke", "--param", "profile=full"]) == 1
+    assert book.main(["execute", "--profile", "smoke", "--param", "profile=full"]) == 2
     assert "--profile" in capsys.readouterr().err
-    assert book.main(["execute", "--chapters", "99"]) == 1
+    assert book.main(["execute", "--profile", "smoke", "--param", "profile=huge"]) == 2
+    assert "--profile" in capsys.readouterr().err
+    assert book.main(["execute", "--profile", "smoke", "--param", "device=tpu"]) == 2
+    assert "--device" in capsys.readouterr().err
+    assert book.main(["execute", "--chapters", "99"]) == 2
     assert "no chapter matches '99'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         book.main(["execute", "--profile", "huge"])
     assert "--profile" in capsys.readouterr().err
     assert time.perf_counter() - t0 < 20
+
+
+@pytest.mark.parametrize("chapters,param,name", [
+    ([], "pi=-1", "pi"),  # chapter 4 only, on a whole-book run
+    (["02"], "n_repeats=0", "n_repeats"),
+    (["02"], "matrix_size=3", "matrix_size"),
+    (["02"], "common_rank=1000", "common_rank"),  # checked against the profile's matrix size
+    (["02"], "noise_fraction=9", "noise_fraction"),
+    ([], "n_random_draws=0", "n_random_draws"),
+    ([], "esm_images=0", "esm_images"),
+    ([], "run_esm=maybe", "run_esm"),
+    ([], "lines_b_grid=[a]", "lines_b_grid"),
+    (["01"], "data_root=/no/such/folder", "data_root"),
+])
+def test_chapter_specific_parameters_are_checked_before_any_kernel(tmp_path, capsys, chapters, param, name):
+    executed = tmp_path / "executed"
+    args = ["execute", "--profile", "smoke", "--executed-dir", str(executed), "--param", param]
+    args += ["--chapters", *chapters] if chapters else []
+    assert book.main(args) == 2
+    assert f"parameter '{name}'" in capsys.readouterr().err
+    assert not executed.exists()  # no chapter ran, no report was written
+
+
+@pytest.mark.parametrize("profile", book.PROFILES)
+def test_every_chapter_accepts_its_own_defaults(profile):
+    for chapter in book.discover_chapters():
+        book.check_chapter_parameters(chapter, profile=profile, device="cpu", seed=0)
 
 
 def test_parse_param_reads_yaml():

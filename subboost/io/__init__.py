@@ -31,6 +31,7 @@ from subboost.io.statedict import PREFIXES, public_keys, tensors_of
 from subboost.io.unpickle import Placeholder, RefusedGlobal, restricted_pickle_module
 from subboost.io.writer import (
     Interrupted,
+    ReceivedSignal,
     SafetensorsWriter,
     atomic_path,
     current_umask,
@@ -44,7 +45,7 @@ __all__ = [
     "InputError", "CheckpointNotFound", "TensorInfo", "SAFETENSORS_DTYPES", "SUPPORTED_DTYPES",
     "CheckpointReader", "SafetensorsReader", "TorchReader", "open_checkpoint", "load_state_dict",
     "PREFIXES", "public_keys", "tensors_of", "Placeholder", "RefusedGlobal", "restricted_pickle_module",
-    "atomic_path", "publish", "same_file", "current_umask", "SafetensorsWriter", "save_state_dict", "Interrupted",
+    "atomic_path", "publish", "same_file", "current_umask", "SafetensorsWriter", "save_state_dict", "Interrupted", "ReceivedSignal",
     "interrupt_signals", "LAYOUTS", "PAPER_TASKS", "detect_layout", "discover_tasks", "base_path",
     "expert_path", "head_path", "checkpoint_root_paths",
 ]

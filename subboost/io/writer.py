@@ -35,7 +35,7 @@ from subboost.io.errors import InputError
 from subboost.io.formats import SAFETENSORS_NAMES, TensorInfo
 
 __all__ = ["atomic_path", "publish", "same_file", "current_umask", "SafetensorsWriter", "save_state_dict",
-           "Interrupted", "interrupt_signals"]
+           "Interrupted", "ReceivedSignal", "interrupt_signals"]
 
 
 def current_umask() -> int:
@@ -168,7 +168,7 @@ class Interrupted(KeyboardInterrupt):
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(signal.Signals(signum).name)  # SIGINT included: a KeyboardInterrupt
 
     @property
     def exit_code(self) -> int:
@@ -176,29 +176,42 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+class ReceivedSignal:
+    """Which termination signal arrived first inside :func:`interrupt_signals` (or None)."""
+
+    signum: int | None = None
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.signum is None else 128 + self.signum
+
+
 @contextlib.contextmanager
-def interrupt_signals(signums: tuple[int, ...] = ()) -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP (or ``signums``) raise :class:`Interrupted`, as
-    SIGINT raises ``KeyboardInterrupt``, so that ``finally`` clauses (temporary files of
-    :func:`atomic_path`) run. Further such signals are ignored while the stack unwinds.
-    For applications (the CLI); a no-op outside the main thread. Handlers are restored."""
+def interrupt_signals(signums: tuple[int, ...] = ()) -> Iterator[ReceivedSignal]:
+    """Within the block, SIGINT, SIGTERM and SIGHUP (or ``signums``) raise
+    :class:`Interrupted`, so that ``finally`` clauses (temporary files of
+    :func:`atomic_path`) run; later signals are ignored while the stack unwinds. The
+    yielded :class:`ReceivedSignal` records the first signal, because native code running
+    when it arrives may turn the exception into another one. For applications (the CLI);
+    handlers are restored on exit; outside the main thread nothing is installed."""
     import threading
 
+    received = ReceivedSignal()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
-    wanted = signums or tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
+    wanted = signums or tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s)
     previous = {s: signal.getsignal(s) for s in wanted}
 
     def handler(signum: int, frame: Any) -> None:
-        for s in wanted:
-            signal.signal(s, signal.SIG_IGN)
-        raise Interrupted(signum)
+        if received.signum is None:
+            received.signum = signum
+            raise Interrupted(signum)
 
     for s in wanted:
         signal.signal(s, handler)
     try:
-        yield
+        yield received
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
