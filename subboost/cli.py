@@ -244,8 +244,7 @@ def _device(name: str) -> str:
 @contextlib.contextmanager
 def _open_inputs(args: argparse.Namespace) -> Iterator[tuple[Any, list[Any], list[str], list[Path]]]:
     """Open base and experts lazily; yields (base reader, expert readers, names, paths)."""
-    from subboost.io import checkpoint_root_paths, open_checkpoint
-    from subboost.streaming import expert_names
+    from subboost.io import checkpoint_root_paths, expert_names, open_checkpoint
 
     if args.root is not None:
         if args.experts:
@@ -338,7 +337,8 @@ def _write_report_outputs(args: argparse.Namespace, text: str, plot: Any, fmt: s
 
 
 def _hash_inputs(paths: Sequence[Path], names: Sequence[str], progress: bool) -> list[dict[str, str]]:
-    from subboost.streaming import _progress, sha256_file
+    from subboost.io import sha256_file
+    from subboost.streaming import _progress
 
     total = sum(p.stat().st_size for p in paths)
     bar = _progress(total, "sha256", progress, unit="B")

@@ -26,7 +26,6 @@ appears only when complete (:func:`subboost.io.atomic_path`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import json
 import math
@@ -50,6 +49,7 @@ from subboost.io import (
     SafetensorsWriter,
     TensorInfo,
     atomic_path,
+    expert_names,
     same_file,
 )
 from subboost.merging import METHODS, get_method, lines_scales
@@ -62,20 +62,9 @@ from subboost.taskvector import (
 )
 
 __all__ = [
-    "expert_names", "check_compatible", "sha256_file", "check_method_params", "merged_deltas",
+    "check_compatible", "check_method_params", "merged_deltas",
     "stream_merge", "MergeReport", "LOCAL_METHODS", "GLOBAL_METHODS", "iter_task_vectors", "block_keys",
 ]
-
-
-def expert_names(paths: Sequence[Path]) -> list[str]:
-    """Readable, unique names for expert files: stems, else parent folders, else both, else
-    numbered."""
-    paths = [Path(p) for p in paths]
-    for candidate in ([p.stem for p in paths], [p.parent.name for p in paths],
-                      [f"{p.parent.name}/{p.stem}" for p in paths]):
-        if len(set(candidate)) == len(candidate) and all(candidate):
-            return candidate
-    return [f"expert{i}" for i in range(len(paths))]
 
 
 def check_compatible(base: CheckpointReader, experts: Sequence[CheckpointReader], names: Sequence[str]) -> list[str]:
@@ -102,23 +91,6 @@ def check_compatible(base: CheckpointReader, experts: Sequence[CheckpointReader]
                 raise InputError(f"dtype mismatch for key '{key}': base {b.dtype} vs expert '{name}' {e.dtype} ({reader.path})")
     return [k for k in base_keys if base.info(k).dtype.is_floating_point]
 
-
-def sha256_file(path: str | os.PathLike, progress: Any = None) -> str:
-    """Hex SHA-256 of a file, read in 4 MiB blocks (``progress``: an optional tqdm bar
-    updated with the bytes read)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(1 << 22)
-            if not block:
-                break
-            h.update(block)
-            if progress is not None:
-                progress.update(len(block))
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- engine
 
 LOCAL_METHODS = frozenset({"ta", "average", "iso-c", "iso-cts", "tsv", "ho-sb"})
 """Methods whose merged value of a key depends only on that key's task vectors (streamed in

@@ -23,10 +23,18 @@ from subboost.io.layouts import (
     checkpoint_root_paths,
     detect_layout,
     discover_tasks,
+    expert_names,
     expert_path,
     head_path,
 )
-from subboost.io.readers import CheckpointReader, SafetensorsReader, TorchReader, load_state_dict, open_checkpoint
+from subboost.io.readers import (
+    CheckpointReader,
+    SafetensorsReader,
+    TorchReader,
+    load_state_dict,
+    open_checkpoint,
+    sha256_file,
+)
 from subboost.io.statedict import PREFIXES, public_keys, tensors_of
 from subboost.io.unpickle import Placeholder, RefusedGlobal, restricted_pickle_module
 from subboost.io.writer import (
@@ -43,9 +51,10 @@ from subboost.io.writer import (
 
 __all__ = [
     "InputError", "CheckpointNotFound", "TensorInfo", "SAFETENSORS_DTYPES", "SUPPORTED_DTYPES",
-    "CheckpointReader", "SafetensorsReader", "TorchReader", "open_checkpoint", "load_state_dict",
+    "CheckpointReader", "SafetensorsReader", "TorchReader", "open_checkpoint", "load_state_dict", "sha256_file",
     "PREFIXES", "public_keys", "tensors_of", "Placeholder", "RefusedGlobal", "restricted_pickle_module",
-    "atomic_path", "publish", "same_file", "current_umask", "SafetensorsWriter", "save_state_dict", "Interrupted", "ReceivedSignal",
+    "atomic_path", "publish", "same_file", "current_umask", "SafetensorsWriter", "save_state_dict",
+    "Interrupted", "ReceivedSignal",
     "interrupt_signals", "LAYOUTS", "PAPER_TASKS", "detect_layout", "discover_tasks", "base_path",
-    "expert_path", "head_path", "checkpoint_root_paths",
+    "expert_path", "head_path", "checkpoint_root_paths", "expert_names",
 ]

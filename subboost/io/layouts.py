@@ -134,3 +134,14 @@ def checkpoint_root_paths(root: str | Path, model: str, tasks: Sequence[str],
     if layout == "auto":
         layout = detect_layout(root, model)
     return base_path(root, model, layout), [expert_path(root, model, t, layout) for t in tasks]
+
+
+def expert_names(paths: Sequence[Path]) -> list[str]:
+    """Readable, unique names for expert files: stems, else parent folders, else both, else
+    numbered."""
+    paths = [Path(p) for p in paths]
+    for candidate in ([p.stem for p in paths], [p.parent.name for p in paths],
+                      [f"{p.parent.name}/{p.stem}" for p in paths]):
+        if len(set(candidate)) == len(candidate) and all(candidate):
+            return candidate
+    return [f"expert{i}" for i in range(len(paths))]

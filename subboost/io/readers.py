@@ -19,6 +19,7 @@ errors say what went wrong).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import mmap
 import os
 import pickle
@@ -35,7 +36,7 @@ from subboost.io.formats import SAFETENSORS_DTYPES, TensorInfo, row_range
 from subboost.io.statedict import public_keys, tensors_of
 from subboost.io.unpickle import RefusedGlobal, restricted_pickle_module
 
-__all__ = ["CheckpointReader", "SafetensorsReader", "TorchReader", "open_checkpoint", "load_state_dict"]
+__all__ = ["CheckpointReader", "SafetensorsReader", "TorchReader", "open_checkpoint", "load_state_dict", "sha256_file"]
 
 
 class _PageReleaser:
@@ -279,3 +280,19 @@ def load_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict
     """Every tensor of a checkpoint, in memory (public keys; see :func:`open_checkpoint`)."""
     with open_checkpoint(path, allow_pickle) as reader:
         return {k: reader.read(k) for k in reader.keys()}
+
+
+def sha256_file(path: str | os.PathLike, progress: Any = None) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks (``progress``: an optional tqdm bar
+    updated with the bytes read)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(1 << 22)
+            if not block:
+                break
+            h.update(block)
+            if progress is not None:
+                progress.update(len(block))
+    return h.hexdigest()
+
