@@ -74,6 +74,12 @@ def _module_tensors(obj: Any, prefix: str, out: dict[str, Any], depth: int = 0) 
     return True
 
 
+def _is_module(obj: Any) -> bool:
+    state = getattr(obj, "__dict__", None)
+    return (isinstance(obj, (torch.nn.Module, Placeholder)) and isinstance(state, dict)
+            and "_parameters" in state and "_modules" in state)
+
+
 def _check_tensor(path: Path, key: str, value: Any) -> Tensor:
     if not isinstance(value, Tensor):
         raise InputError(f"{path}: entry '{key}' is a {type(value).__name__}, not a tensor")
@@ -96,14 +102,18 @@ def tensors_of(obj: Any, path: Path) -> tuple[dict[str, Tensor], list[str]]:
     for _ in range(8):  # unwrap {"state_dict": {...}}, {"model": module}, ...
         if isinstance(obj, Mapping):
             inner = next((obj[w] for w in WRAPPER_KEYS if w in obj
-                          and (isinstance(obj[w], Mapping) or _module_tensors(obj[w], "", {}))), None)
+                          and (isinstance(obj[w], Mapping) or _is_module(obj[w]))), None)
             if inner is None:
                 break
             obj = inner
         else:
             break
     found: dict[str, Any] = {}
-    if _module_tensors(obj, "", found):
+    try:
+        is_module = _module_tensors(obj, "", found)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+    if is_module:
         return {k: _check_tensor(path, k, v) for k, v in found.items()}, []
     if not isinstance(obj, Mapping):
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict or a torch module")
