@@ -231,3 +231,17 @@ def test_failed_write_removes_the_folders_it_created(tmp_path):
     with pytest.raises(InputError, match=r"out\.bin.*cannot"):
         with atomic_path(Path("/proc/nope/out.bin")):
             pass
+
+
+def test_empty_files_and_special_paths(tmp_path):
+    (tmp_path / "none.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    with pytest.raises(InputError, match=r"none\.safetensors: holds no tensors"):
+        open_checkpoint(tmp_path / "none.safetensors")
+    torch.save({"epoch": 3}, tmp_path / "none.pt")
+    with pytest.raises(InputError, match=r"none\.pt: holds no tensors"):
+        open_checkpoint(tmp_path / "none.pt")
+    os.mkfifo(tmp_path / "fifo.pt")  # would block a reader forever
+    with pytest.raises(InputError, match="not a file"):
+        open_checkpoint(tmp_path / "fifo.pt")
+    with pytest.raises(InputError, match="not a file"):
+        open_checkpoint(tmp_path)

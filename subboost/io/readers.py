@@ -158,6 +158,8 @@ class SafetensorsReader(CheckpointReader):
             if isinstance(err, InputError):
                 raise
             raise InputError(f"{self.path}: cannot read as safetensors ({_first_line(err)})") from None
+        if not stored:
+            raise InputError(f"{self.path}: holds no tensors")
         self._names = public_keys(stored)
         self._infos = {k: infos[s] for k, s in self._names.items()}
         self._releaser = _PageReleaser(self.path)
