@@ -137,7 +137,7 @@ def _inputs_parser() -> argparse.ArgumentParser:
     g.add_argument("--root", type=Path, help="checkpoint root in the public layout ({root}/{model}/{Task}Val/nonlinear_finetuned.pt, or {root}/{model}/{Task}/finetuned.pt)")
     g.add_argument("--model", help="model folder under --root, e.g. ViT-B-32")
     g.add_argument("--tasks", nargs="+", metavar="TASK", help="task names under --root, e.g. Cars DTD EuroSAT")
-    g.add_argument("--allow-pickle", action="store_true", help="allow pickled objects in .pt files (runs code from the file: only for files you trust)")
+    g.add_argument("--allow-pickle", action="store_true", help="read pickled models in .pt files (restricted unpickler: model classes become inert placeholders, any other object is refused)")
     o = p.add_argument_group("execution")
     o.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute (default: cuda if available)")
     o.add_argument("--memory-budget", type=_positive_int, default=512, metavar="MB", help="memory for row blocks of large tensors (default 512)")
