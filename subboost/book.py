@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -423,9 +424,12 @@ def execute_chapter(
     overrides: Mapping[str, Any] | None = None,
     timeout: int | None = None,
     cwd: Path = REPO_ROOT,
+    progress: bool = False,
 ) -> tuple[ChapterRun, str]:
     """Execute one chapter with papermill. Returns the run record and, on failure, the text of
-    its report (empty on success). Never raises for a cell error."""
+    its report (empty on success). Never raises for a cell error. With ``progress``, the
+    terminal (stderr) shows the cell being run and the kernel's progress bars
+    (:func:`live_progress`)."""
     import nbformat
     import papermill as pm
 
@@ -451,9 +455,10 @@ def execute_chapter(
         stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(src_nb), str(running), parameters=params, kernel_name="python3",
-                            cwd=str(cwd), progress_bar=False, execution_timeout=timeout,
-                            request_save_on_cell_execute=False)
+        with live_progress(chapter.name, executed_dir, progress) as progress_bar:
+            pm.execute_notebook(str(src_nb), str(running), parameters=params, kernel_name="python3",
+                                cwd=str(cwd), progress_bar=progress_bar, execution_timeout=timeout,
+                                request_save_on_cell_execute=False)
     except Exception as err:  # noqa: BLE001 -- every failure becomes a report
         wall = time.perf_counter() - t0
         if running.exists():
@@ -488,6 +493,7 @@ def execute_book(
     timeout: int | None = None,
     keep_going: bool = False,
     log: Log = _quiet,
+    progress: bool = False,
 ) -> list[ChapterRun]:
     """Execute the selected chapters in order; write ``execution_report.txt`` and
     ``manifest.json`` into ``executed_dir``. Parameters are validated before any kernel starts
@@ -511,7 +517,8 @@ def execute_book(
     for ch in selected:
         log(f"[book] executing {ch.name} (profile {profile}, device {device}) ...")
         run, report = execute_chapter(ch, profile=profile, device=device, seed=seed, executed_dir=executed_dir,
-                                      overrides=overrides, timeout=timeout, cwd=notebooks_dir.parent)
+                                      overrides=overrides, timeout=timeout, cwd=notebooks_dir.parent,
+                                      progress=progress)
         runs.append(run)
         log(f"[book]   {ch.name}: {run.status} in {run.wall_time_s:.1f} s -> {run.notebook}")
         if run.status != "ok":
@@ -618,6 +625,7 @@ def stage_site(
         hint = f" ({', '.join(failed)} failed: see {executed_dir / REPORT_NAME})" if failed else ""
         raise BookError(f"no executed notebook in {executed_dir} for: {', '.join(missing)}{hint}; run "
                         f"`python -m subboost.book execute --profile ci` first")
+    write_generated_pages(stage_dir, executed_dir)
     return stage_dir
 
 
@@ -657,6 +665,213 @@ def first_chapter_page(site_dir: Path = SITE_DIR) -> Path:
     text = (Path(site_dir) / "index.html").read_text(encoding="utf-8")
     m = re.search(r'url=([^"\s>]+)', text)
     return Path(site_dir) / (m.group(1) if m else "index.html")
+
+
+# =============================================================================== live progress
+
+#: Environment variable naming the side channel a chapter's kernel writes its progress to.
+PROGRESS_ENV = "SUBBOOST_PROGRESS_FILE"
+
+
+def route_progress() -> bool:
+    """Call in a chapter's kernel (its set-up cell): when the runner watches the run, send the
+    kernel's stderr (progress bars of the zoo build and of long loops, warnings) to the
+    runner's side channel instead of the notebook, so the terminal shows them live and the
+    executed notebook stays free of progress noise. Returns whether it did (False outside the
+    runner: then nothing changes)."""
+    path = os.environ.get(PROGRESS_ENV)
+    if not path:
+        return False
+    sys.stderr = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 -- lives as long as the kernel
+    return True
+
+
+class _Terminal:
+    """The runner's stderr, shared by papermill's cell bar (``\r`` updates, no newline) and
+    the side-channel lines: a line starts on a fresh row even while the bar's row is open."""
+
+    def __init__(self, stream: Any) -> None:
+        import threading
+
+        self.stream, self._open, self._lock = stream, False, threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self.stream.write(text)
+            if text:
+                self._open = not text.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def line(self, text: str) -> None:
+        with self._lock:
+            self.stream.write(("\n" if self._open else "") + text + "\n")
+            self._open = False
+            self.stream.flush()
+
+
+class _Tail:
+    """Print what a chapter's kernel writes to its side channel, prefixed with the chapter and
+    the elapsed time: every finished line, and the newest state of a progress bar (``\r``
+    updates) at most every ``interval`` seconds."""
+
+    def __init__(self, path: Path, chapter: str, stream: _Terminal, interval: float = 5.0) -> None:
+        import threading
+
+        self.path, self.chapter, self.stream, self.interval = path, chapter, stream, interval
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._pending = ""
+        self._shown = ""
+        self._last = 0.0
+
+    def __enter__(self) -> "_Tail":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _say(self, text: str) -> None:
+        text = _strip_ansi(text).strip()
+        if text and text != self._shown:
+            m, s = divmod(int(time.perf_counter() - self.t0), 60)
+            self.stream.line(f"[{self.chapter} {m:02d}:{s:02d}] {text}")
+            self._shown, self._last = text, time.perf_counter()
+
+    def _run(self) -> None:
+        pos = 0
+        while True:
+            stopping = self._stop.wait(0.5)
+            try:
+                with open(self.path, encoding="utf-8", errors="replace") as fh:
+                    fh.seek(pos)
+                    chunk = fh.read()
+                    pos = fh.tell()
+            except OSError:
+                chunk = ""
+            self._pending += chunk
+            *done, self._pending = re.split(r"\n", self._pending)
+            for line in done:
+                self._say(line.split("\r")[-1] if "\r" in line else line)
+            latest = self._pending.split("\r")
+            if len(latest) > 1 and (stopping or time.perf_counter() - self._last >= self.interval):
+                self._say(latest[-2] if not latest[-1].strip() else latest[-1])
+            if stopping:
+                return
+
+
+@contextmanager
+def live_progress(chapter: str, executed_dir: Path, enabled: bool, stream: Any = None):
+    """While a chapter runs: papermill's cell bar (chapter, cell k of n, elapsed) on ``stream``
+    (stderr), and the kernel's side channel (``<executed_dir>/.progress/<chapter>.log``, see
+    :func:`route_progress`) tailed onto it. Yields papermill's ``progress_bar`` argument."""
+    if not enabled:
+        yield False
+        return
+    stream = _Terminal(stream or sys.stderr)
+    side = Path(executed_dir) / ".progress" / f"{chapter}.log"
+    side.parent.mkdir(parents=True, exist_ok=True)
+    side.write_text("", encoding="utf-8")
+    before = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = str(side)
+    try:
+        with _Tail(side, chapter, stream):
+            yield {"desc": chapter, "file": stream, "mininterval": 2.0, "ascii": True, "dynamic_ncols": False}
+    finally:
+        if before is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = before
+
+
+# =============================================================================== generated pages
+
+FINDINGS_PAGE = "book/findings.md"
+EXECUTION_PAGE = "book/execution.md"
+
+
+def _manifest(executed_dir: Path) -> dict[str, Any]:
+    path = Path(executed_dir) / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def timing_rows(executed_dir: Path = EXECUTED_DIR) -> list[dict[str, Any]]:
+    """One row per chapter of the manifest: chapter, status, wall time, profile, device,
+    commit, finished (the last execution of each chapter)."""
+    rows = []
+    for name, m in sorted(_manifest(executed_dir).items()):
+        rows.append(dict(chapter=name, status=m.get("status", ""), wall_time_s=float(m.get("wall_time_s", 0.0)),
+                         profile=m.get("profile", ""), device=m.get("device", ""),
+                         commit=str(m.get("commit", "")) + ("+" if m.get("dirty") else ""),
+                         finished=m.get("finished_utc", "")))
+    return rows
+
+
+def timing_text(executed_dir: Path = EXECUTED_DIR) -> str:
+    """The per-chapter timing table for the terminal."""
+    rows = timing_rows(executed_dir)
+    lines = [f"  {'chapter':<28} {'status':<7} {'wall time':>10}  profile  device  finished"]
+    lines += [f"  {r['chapter']:<28} {r['status']:<7} {r['wall_time_s']:9.1f}s  {r['profile']:<7}  {r['device']:<6}  "
+              f"{r['finished']}" for r in rows]
+    lines.append(f"  {'total':<28} {'':<7} {sum(r['wall_time_s'] for r in rows):9.1f}s")
+    return "\n".join(lines)
+
+
+def findings_text(executed_dir: Path = EXECUTED_DIR) -> str:
+    """The findings table (:mod:`subboost.claims`) for the terminal."""
+    from subboost import claims
+
+    return claims.findings_text(claims.findings_rows(executed_dir))
+
+
+def write_generated_pages(stage_dir: Path, executed_dir: Path) -> list[Path]:
+    """Write the pages built from the executed chapters' records into the staged sources:
+    "Findings at a glance" (every claim's verdict, :mod:`subboost.claims`) and "Execution
+    status" (per-chapter timings from the manifest). Only pages listed in the toc are written."""
+    from subboost import claims
+
+    stage_dir, executed_dir = Path(stage_dir), Path(executed_dir)
+    toc = set(_toc_files(stage_dir / "_toc.yml"))
+    written = []
+    if Path(FINDINGS_PAGE).with_suffix("").as_posix() in toc:
+        rows = claims.findings_rows(executed_dir)
+        counts = {v: sum(r["verdict"] == v for r in rows) for v in (*claims.VERDICTS, claims.NOT_RUN)}
+        summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+        text = ("# Findings at a glance\n\n"
+                "Every claim of the paper that this book tests, with the paper's number, ours, and the verdict "
+                "that a rule of `subboost.claims` computed from the executed chapter's measurements (never typed). "
+                "The evidence column links to the section of the chapter that shows it; the last column names the "
+                "run that produced it. Our suite is far smaller than the paper's models: a verdict is about the "
+                "direction and size of an effect on this suite, not about equal numbers. "
+                f"This build: {summary}.\n\n"
+                + claims.findings_markdown(rows, linked=lambda ch: (stage_dir / "notebooks" / f"{ch}.ipynb").is_file()))
+        path = stage_dir / FINDINGS_PAGE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    if Path(EXECUTION_PAGE).with_suffix("").as_posix() in toc:
+        rows = timing_rows(executed_dir)
+        lines = ["# Execution status", "",
+                 "How long each chapter took in the run that produced this book (from the runner's manifest), "
+                 "as `python -m subboost.book execute` recorded it.", "",
+                 "| Chapter | Status | Wall time [s] | Profile | Device | Commit | Finished (UTC) |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['chapter']} | {r['status']} | {r['wall_time_s']:.1f} | {r['profile']} | {r['device']} | "
+                  f"{r['commit']} | {r['finished']} |" for r in rows]
+        lines += ["", f"Total: {sum(r['wall_time_s'] for r in rows):.1f} s."]
+        path = stage_dir / EXECUTION_PAGE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        written.append(path)
+    return written
 
 
 # =============================================================================== CLI
@@ -709,18 +924,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             execute_book(profile=args.profile, device=args.device, seed=args.seed, chapters=args.chapters,
                          overrides=overrides, notebooks_dir=args.notebooks_dir, executed_dir=args.executed_dir,
-                         timeout=args.timeout, keep_going=args.keep_going, log=log)
+                         timeout=args.timeout, keep_going=args.keep_going, log=log, progress=True)
             log(f"[book] executed in {time.perf_counter() - t0:.1f} s; report: {args.executed_dir / REPORT_NAME}")
+            log("[book] execution times:\n" + timing_text(args.executed_dir))
         if args.command in ("build", "all"):
             t0 = time.perf_counter()
             site = build_site(executed_dir=args.executed_dir, stage_dir=args.stage_dir, site_dir=args.site_dir, log=log)
             log(f"[book] site built in {time.perf_counter() - t0:.1f} s: {first_chapter_page(site)}")
+            log("[book] findings at a glance:\n" + findings_text(args.executed_dir))
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BookError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

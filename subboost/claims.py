@@ -479,13 +479,13 @@ def _claims() -> list[Claim]:
               f"spread over β {_spreads()} points (B/32); B/16: {_tuple(paper.TABLE3_BETA.values())}",
               f"spread over β ≤ {BETA_SPREAD:g} points at every N and β = 0 within {BETA0_TOLERANCE:g} of the best: "
               "reproduced; one of the two: partly", beta_robust),
-        Claim("layer-types", "Boosting both layer types helps", "Table 3b", ch3, "claim-layer-types",
+        Claim("layer-types", "Boosting both layer types helps", "Table 3b", ch3, "claim-summary-3",
               "MLP {mlp:g}, attention {attn:g}, both {both:g} (B/16)".format(**paper.TABLE3_LAYERS),
               "both above MLP-only and attention-only: reproduced; above one: partly", both_layer_types),
         Claim("sota", "TA+LiNeS+SB matches TSV-M, Iso-C and Iso-CTS", "Table 4", ch3, "claim-table4",
               _table4_best(), f"at most {MATCH_TOLERANCE:g} point below the best of them at every N: reproduced; "
               "at some N: partly", matches_sota),
-        Claim("merge-time", "… at a fraction of their merge time", "Table 6", ch3, "claim-table6",
+        Claim("merge-time", "… at a fraction of their merge time", "Table 6", ch3, "claim-summary-3",
               f"SB {t6['SB'][0]:g} s vs TSV-M {t6['TSV-M'][0]:g} s (20 tasks, B/32, GPU)",
               f"every other method ≥ {MIN_SPEEDUP:g}× SB's time: reproduced; slower than SB: partly", merge_time),
         Claim("prop1", "Prop. 1: the task-specific part decays like 1/√N", "Sec. 3.1, Supp. E, Eq. 15", ch2,
@@ -574,6 +574,16 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def verdict_table(verdicts: Mapping[str, Verdict]):
+    """A chapter's verdicts as a ``pandas.DataFrame`` indexed by claim statement: where,
+    paper, ours, verdict, reason (for the chapter's own summary)."""
+    import pandas as pd
+
+    rows = [dict(claim=CLAIMS[cid].statement, where=CLAIMS[cid].where, paper=CLAIMS[cid].paper, ours=v.ours,
+                 verdict=v.verdict, reason=v.reason) for cid, v in verdicts.items()]
+    return pd.DataFrame(rows).set_index("claim")
 
 
 def findings_rows(executed_dir: str | os.PathLike) -> list[dict[str, Any]]:
