@@ -451,7 +451,7 @@ def execute_chapter(
     final = executed_dir / f"{chapter.name}.ipynb"
     failed = executed_dir / f"{chapter.name}.failed.ipynb"
     running = executed_dir / f"{chapter.name}.running.ipynb"
-    for stale in (final, failed):
+    for stale in (final, failed, executed_dir / chapter.name / "claims.json"):  # the chapter's verdicts, rewritten
         stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
     try:
