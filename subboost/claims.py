@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -614,6 +615,13 @@ def findings_rows(executed_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def short_suite(suite: str) -> str:
+    """The name of a suite from its repr (``Suite('zoo:smoke-…', model=…)`` → ``zoo:smoke-…``),
+    for the findings table; other text unchanged."""
+    m = re.match(r"^\w+\('([^']+)'", suite)
+    return m.group(1) if m else suite
+
+
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -625,7 +633,8 @@ def findings_markdown(rows: Sequence[Mapping[str, Any]], linked: Callable[[str],
     lines = [head, "|" + "---|" * 6]
     for r in rows:
         ev = f"{{ref}}`{r['where']} <{r['section']}>`" if linked(r["chapter"]) else _cell(r["where"])
-        run = " · ".join(_cell(r[k]) for k in ("suite", "profile", "device", "commit") if r[k]) or "—"
+        run = " · ".join(_cell(short_suite(r[k]) if k == "suite" else r[k])
+                         for k in ("suite", "profile", "device", "commit") if r[k]) or "—"
         verdict = f"**{r['verdict']}**" + (f": {_cell(r['reason'])}" if r["reason"] else "")
         lines.append(f"| {_cell(r['claim'])} | {_cell(r['paper'])} | {_cell(r['ours']) or '—'} | {verdict} | {ev} | {run} |")
     rules = ["", "## The rules", "",

@@ -219,6 +219,8 @@ def test_records_and_findings(tmp_path):
     assert "{ref}`Supp. E, Eq. 29 <claim-prop4>`" in md and "<claim-table1>" not in md
     assert sum(ln.startswith("| ") for ln in md.splitlines()) == len(C.CLAIMS) + 1  # header + one row per claim
     assert "reproduced" in C.findings_text(list(rows.values()))
+    assert C.short_suite("Suite('zoo:smoke-5c34', model='ZooViT', tasks=3)") == "zoo:smoke-5c34"
+    assert C.short_suite("synthetic task vectors") == "synthetic task vectors"
     with pytest.raises(ValueError, match="belongs to chapter"):
         C.write_record(tmp_path, "01_rank_collapse", {"prop4": v})
     with pytest.raises(ValueError, match="unknown claim"):
