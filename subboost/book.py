@@ -617,6 +617,7 @@ def stage_site(
         dst = stage_dir / "notebooks" / f"{name}.ipynb"
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
+        collapse_parameter_cells(dst)
         # figures or data a chapter links to (e.g. with {download}) travel with it
         if (executed_dir / name).is_dir():
             shutil.copytree(executed_dir / name, stage_dir / "notebooks" / name)
@@ -627,6 +628,19 @@ def stage_site(
                         f"`python -m subboost.book execute --profile ci` first")
     write_generated_pages(stage_dir, executed_dir)
     return stage_dir
+
+
+def collapse_parameter_cells(path: Path) -> None:
+    """Tag the parameters cell and papermill's injected-parameters cell of a staged notebook
+    ``hide-input``, so the page opens with the chapter's claim, not with its settings."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if cell.cell_type == "code" and {"parameters", "injected-parameters"} & set(tags) and "hide-input" not in tags:
+            cell.metadata["tags"] = [*tags, "hide-input"]
+    nbformat.write(nb, path)
 
 
 def build_site(

@@ -326,6 +326,9 @@ def test_site_offers_downloads_and_offline_math(built_book):
         if _has_math(src):
             assert "_static/mathjax/tex-chtml.js" in html, f"{ch.name}: MathJax is not the offline copy"
         assert any(c.get("outputs") for c in src.cells if c.cell_type == "code")  # executed, not the source
+        for c in src.cells:  # set-up cells collapsed on the page
+            if {"parameters", "injected-parameters"} & set(c.get("metadata", {}).get("tags", [])):
+                assert "hide-input" in c.metadata.tags, ch.name
 
 
 @pytest.mark.slow
