@@ -11,6 +11,10 @@ For one matrix M of the merged task vector (after the base merging method, befor
 polar(M) = U Vᵀ. SB is positively homogeneous, SB(cM) = c·SB(M) for c > 0, so it commutes
 with α and with LiNeS' per-layer scalars, but not with element-wise masks: mask first,
 boost second.
+
+Which matrices: every block matrix (:func:`subboost.taskvector.select_block_keys`); how the
+query/key/value projections are cut before boosting (CLIP's fused in_proj whole, per Q/K/V,
+or per head) is ``attention`` of :func:`boost_task_vector` (:func:`attention_blocks`).
 """
 
 from __future__ import annotations
