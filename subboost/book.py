@@ -694,6 +694,7 @@ def stage_site(
     if (root / "book").is_dir():
         shutil.copytree(root / "book", stage_dir / "book",
                         ignore=shutil.ignore_patterns("_build", "_executed", "__pycache__", ".ipynb_checkpoints"))
+    stage_benchmark_fragments(root, stage_dir)
     missing = []
     for entry in _toc_files(root / "_toc.yml"):
         if not entry.startswith("notebooks/"):
@@ -715,6 +716,28 @@ def stage_site(
         raise BookError(f"no executed notebook in {executed_dir} for: {', '.join(missing)}{hint}; run "
                         f"`python -m subboost.book execute --profile ci` first")
     return stage_dir
+
+
+#: Benchmark outputs that book pages include: (results folder, file stem, the command that makes them).
+BENCHMARK_FRAGMENTS = (("benchmarks/results", "ray_scaling", "python benchmarks/ray_scaling.py"),)
+
+
+def stage_benchmark_fragments(root: Path, stage_dir: Path) -> None:
+    """Put ``book/_generated/<stem>.md`` (and its figure) in the staged sources for every
+    entry of :data:`BENCHMARK_FRAGMENTS`: the fragment the benchmark script wrote, when it
+    has been run in this checkout, else one sentence naming the command, so that a page
+    including it builds either way."""
+    out = Path(stage_dir) / "book" / "_generated"
+    out.mkdir(parents=True, exist_ok=True)
+    for folder, stem, command in BENCHMARK_FRAGMENTS:
+        src = Path(root) / folder
+        if (src / f"{stem}.md").is_file() and (src / f"{stem}.png").is_file():
+            shutil.copy2(src / f"{stem}.md", out / f"{stem}.md")
+            shutil.copy2(src / f"{stem}.png", out / f"{stem}.png")
+        else:
+            (out / f"{stem}.md").write_text(
+                f"*Not measured in this build:* `{command}` writes the table and the figure into "
+                f"`{folder}/`, and the next `python -m subboost.book build` shows them here.\n", encoding="utf-8")
 
 
 def build_site(

@@ -314,7 +314,7 @@ class LocalCluster:
 
     def __init__(self, workers: int = 1, cpus_per_worker: int = 1, *, env: Mapping[str, str] | None = None,
                  temp_dir: str | Path | None = None, object_store_bytes: int = 100 * 1024 ** 2,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 180.0) -> None:
         import sys
         import tempfile
 
@@ -331,14 +331,15 @@ class LocalCluster:
         self._workers = 0
         try:
             self._start(["--head", "--port", str(self.port), "--num-cpus", "0", "--include-dashboard", "false",
-                         "--temp-dir", self._tmp], expect_cpus=0)
-            for _ in range(int(workers)):
-                self.add_worker()
+                         "--temp-dir", self._tmp], expect_cpus=None)
+            self.add_worker(int(workers))
         except BaseException:
             self.shutdown()
             raise
 
-    def _start(self, args: list[str], expect_cpus: int) -> None:
+    def _start(self, args: list[str], expect_cpus: int | None) -> None:
+        """Start one node; wait for the head's port (``expect_cpus=None``) or for the cluster
+        to offer ``expect_cpus`` CPUs (``0``: do not wait)."""
         import subprocess
 
         cmd = [self._ray, "start", "--block", "--node-ip-address", self.host, "--disable-usage-stats",
@@ -348,16 +349,20 @@ class LocalCluster:
                                 start_new_session=True)
         log.close()
         self.nodes.append(proc)
-        self._wait_for_cpus(expect_cpus, proc)
+        if expect_cpus is None:
+            self._wait_for_port(proc)
+        elif expect_cpus:
+            self._wait_for_cpus(expect_cpus, proc)
 
-    def add_worker(self) -> None:
-        """Start one more worker node and wait until its CPUs are in the cluster."""
-        self._workers += 1
-        self._start(["--address", self.address, "--num-cpus", str(self.cpus_per_worker)],
-                    expect_cpus=self._workers * self.cpus_per_worker)
+    def add_worker(self, count: int = 1) -> None:
+        """Start ``count`` more worker nodes at once and wait until their CPUs are in the cluster."""
+        for i in range(count):
+            self._workers += 1
+            last = i == count - 1
+            self._start(["--address", self.address, "--num-cpus", str(self.cpus_per_worker)],
+                        expect_cpus=self._workers * self.cpus_per_worker if last else 0)
 
-    def _wait_for_cpus(self, cpus: int, proc: Any) -> None:
-        import subprocess
+    def _wait_for_port(self, proc: Any) -> None:
         import time
 
         deadline = time.monotonic() + self.timeout_s
@@ -365,11 +370,28 @@ class LocalCluster:
             if proc.poll() is not None:
                 log = (Path(self._tmp) / f"node{len(self.nodes) - 1}.log").read_text(errors="replace")
                 raise ExecutorError(f"ray start exited with {proc.returncode}:\n{log[-2000:]}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise ExecutorError(f"the Ray head at {self.address} did not open its port in {self.timeout_s:.0f} s")
+
+    def _wait_for_cpus(self, cpus: int, proc: Any) -> None:
+        import subprocess
+        import time
+
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            for i, node in enumerate(self.nodes):
+                if node.poll() is not None:
+                    log = (Path(self._tmp) / f"node{i}.log").read_text(errors="replace")
+                    raise ExecutorError(f"ray start exited with {node.returncode}:\n{log[-2000:]}")
             out = subprocess.run([self._ray, "status", "--address", self.address], capture_output=True,
                                  text=True, env=self.env)
-            if out.returncode == 0 and (cpus == 0 or _total_cpus(out.stdout) >= cpus):
+            if out.returncode == 0 and _total_cpus(out.stdout) >= cpus:
                 return
-            time.sleep(0.5)
+            time.sleep(1.0)
         raise ExecutorError(f"the Ray cluster at {self.address} did not reach {cpus} CPUs in {self.timeout_s:.0f} s")
 
     def shutdown(self) -> None:

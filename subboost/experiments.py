@@ -207,7 +207,7 @@ def results_table(suite: Suite, task_counts: Iterable[int], variants: Sequence[V
     first = subsets[min(subsets)]
     jobs = [(n, v) for n in subsets for v in variants]
     bar = tqdm(total=len(jobs), desc="merge + evaluate", disable=not progress)
-    if executor in (None, "local"):
+    if getattr(executor, "name", executor) in (None, "local"):  # today's loop, in this process
         rows = []
         cache: dict[int, dict] = {}
         for n, variant in jobs:

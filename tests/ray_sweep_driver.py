@@ -41,13 +41,40 @@ def kill_first_attempt(unit, marker=None):
     return ex.run_variant_unit(unit)
 
 
+def run_chapter(args, env) -> int:
+    """Execute one chapter with the local runner and through a 2-worker cluster."""
+    from subboost import book
+
+    codes = {}
+    t0 = time.perf_counter()
+    with LocalCluster(workers=2, cpus_per_worker=1, env=env) as cluster:
+        (args.out / "pids.txt").write_text(" ".join(str(p.pid) for p in cluster.nodes))
+        common = ["execute", "--profile", args.profile, "--device", "cpu", "--chapters", args.chapter]
+        t = time.perf_counter()
+        codes["ray"] = book.main([*common, "--executor", "ray", "--address", cluster.address,
+                                  "--executed-dir", str(args.out / "ray")])
+        codes["ray_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    codes["local"] = book.main([*common, "--executed-dir", str(args.out / "local")])
+    codes["local_s"] = time.perf_counter() - t
+    codes["total_s"] = time.perf_counter() - t0
+    with open(args.out / "result.pkl", "wb") as f:
+        pickle.dump(codes, f)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--chapter", default=None, help="instead of the sweep: execute this chapter locally and "
+                    "with --executor ray (book runner), into --out/local and --out/ray")
+    ap.add_argument("--profile", default="smoke")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     root = str(Path(__file__).resolve().parents[1])
     env = {"PYTHONPATH": os.pathsep.join([root, str(Path(__file__).resolve().parent)])}
+    if args.chapter:
+        return run_chapter(args, env)
     got: dict = {}
     t0 = time.perf_counter()
     with LocalCluster(workers=2, cpus_per_worker=1, env=env) as cluster:

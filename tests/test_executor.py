@@ -165,3 +165,44 @@ def test_cluster_is_down_after_the_run(cluster_run):
     for pid in (cluster_run["out"] / "pids.txt").read_text().split():
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), 0)
+
+
+@pytest.mark.slow
+def test_chapter_through_ray_gives_the_local_tables(tmp_path):
+    """Chapter 3 (smoke profile) executed as a Ray task on a 2-worker cluster, its sweeps
+    spread over the cluster, writes the same tables as a local run."""
+    pytest.importorskip("ray")
+    cmd = exe.loopback_namespace_command([sys.executable, str(ROOT / "tests" / "ray_sweep_driver.py"),
+                                          "--out", str(tmp_path), "--chapter", "03", "--profile", "smoke"])
+    if cmd is None:
+        pytest.skip("needs `unshare -n` to keep the test cluster on the loopback interface")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    finally:
+        _kill_nodes(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "result.pkl", "rb") as f:
+        codes = pickle.load(f)
+    assert codes["ray"] == 0 and codes["local"] == 0, (tmp_path / "ray" / "execution_report.txt").read_text()
+    name = "03_subspace_boosting"
+    assert (tmp_path / "ray" / f"{name}.ipynb").is_file()
+    tables = sorted(p.name for p in (tmp_path / "local" / name).glob("*.csv"))
+    assert {"table1.csv", "table4.csv", "beta.csv", "layers.csv"} <= set(tables)
+    for t in tables:
+        a = pd.read_csv(tmp_path / "local" / name / t)
+        b = pd.read_csv(tmp_path / "ray" / name / t)
+        drop = [c for c in TIMINGS if c in a.columns]
+        pd.testing.assert_frame_equal(a.drop(columns=drop), b.drop(columns=drop), check_exact=True)
+
+
+def test_local_executor_object_takes_the_plain_loop():
+    """A LocalExecutor (what chapters build from executor='local') runs today's loop on the
+    suite object itself: no suite spec needed, same rows."""
+    from test_experiments import StubSuite
+    from subboost import experiments as ex
+
+    v = [ex.Variant("TA", "ta", alpha_grid=(0.5,))]
+    a = ex.results_table(StubSuite(), [2, 3], v, progress=False)
+    b = ex.results_table(StubSuite(), [2, 3], v, progress=False, executor=exe.make_executor("local"))
+    pd.testing.assert_frame_equal(a.drop(columns="merge_seconds"), b.drop(columns="merge_seconds"), check_exact=True)
