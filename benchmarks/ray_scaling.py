@@ -64,6 +64,56 @@ def _umask() -> int:
     return mask
 
 
+def render(out: Path, info: dict, rows: list[dict]) -> None:
+    """Write ray_scaling.png and the book's fragment ray_scaling.md from the measured rows."""
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(rows)
+    info = {"units": rows[0]["units"], "cpus_per_worker": rows[0]["cpus_per_worker"], **info}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
+    labels = ["local"] + [f"Ray\n{w} worker{'s' if w > 1 else ''}" for w in df.workers]
+    a.bar(labels, [df.local_median_s.mean(), *df.ray_median_s], color=["0.6", "C0", "C1"][:len(labels)])
+    a.set_ylabel("sweep wall time (s)")
+    a.set_title(f"{info['units']} units, {info['profile']} zoo")
+    b.plot(df.workers, df.speedup, "o-", label="measured")
+    b.plot(df.workers, df.workers * info["cpus_per_worker"], "k--", lw=1, label="ideal")
+    b.axhline(1, color="0.6", lw=1)
+    b.set_xticks(list(df.workers))
+    b.set_xlabel("Ray worker nodes")
+    b.set_ylabel("speed-up over the local loop")
+    b.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    os.chmod(tmp, 0o666 & ~_umask())
+    plt.close(fig)
+    os.replace(tmp, out / "ray_scaling.png")
+
+    one, two = rows[0], rows[-1]
+    md = [f"Measured by `benchmarks/ray_scaling.py` on {info['cpu_count']} CPU cores shared with other jobs (load "
+          f"average {one['load_before']:.1f} to {two['load_after']:.1f}), {info['profile']} zoo, {info['units']} "
+          f"units ({len(info['variants'])} variants × N ∈ {info['counts']}, {len(info['alpha_grid'])} α values "
+          f"each), {info['reps']} repetitions per configuration, every table checked equal to the local loop's:", "",
+          "| configuration | median sweep time | speed-up over local | warm-up sweep |", "|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| local loop vs Ray, {r['workers']} worker node(s) | {r['local_median_s']:.2f} s vs "
+                  f"{r['ray_median_s']:.2f} s | {r['speedup']:.2f}× | {r['warmup_s']:.1f} s |")
+    md += ["", f"Two worker nodes against one: {two['speedup'] / one['speedup']:.2f}× (the ratio of the two "
+               f"speed-ups, each against the local loop of its own phase). Round trip of an empty unit on warm "
+               f"workers, the executor's own cost per unit: {one['empty_unit_round_trip_ms']:.1f} ms; cluster "
+               f"with one worker minus local loop, per unit: {one['overhead_per_unit_ms']:.0f} ms. The warm-up "
+               f"sweep includes starting the worker processes and loading the suite in each; starting the "
+               f"local cluster took {info['cluster_start_s']:.1f} s.", "",
+           "![Sweep wall time and speed-up of Ray with 1 and 2 worker nodes over the local loop]"
+           "(ray_scaling.png)", ""]
+    atomic_write(out / "ray_scaling.md", "\n".join(md).encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpus-per-worker", type=int, default=1)
     ap.add_argument("--empty-units", type=int, default=40, help="empty units for the round-trip time")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="results folder")
+    ap.add_argument("--render-only", action="store_true", help="redraw the figure and fragment from --out's JSON")
     args = ap.parse_args(argv)
+    if args.render_only:
+        saved = json.loads((args.out / "ray_scaling.json").read_text())
+        render(args.out, saved["info"], saved["rows"])
+        return 0
 
     if os.environ.get(NAMESPACE_FLAG) != "1":
         from subboost.executor import loopback_namespace_command
@@ -148,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{local_med / ray_med:.2f}x, warm-up {warm_s:.1f} s, empty unit {1000 * empty_s:.1f} ms",
                       flush=True)
     df = pd.DataFrame(rows)
-    info = dict(profile=args.profile, counts=args.counts, variants=args.variants, alpha_grid=list(grid),
+    info = dict(profile=args.profile, counts=args.counts, variants=args.variants, alpha_grid=list(grid), units=n_units,
+                cpus_per_worker=args.cpus_per_worker,
                 reps=args.reps, cluster_start_s=cluster_start_s, cpu_count=os.cpu_count(),
                 machine=platform.platform(), python=platform.python_version(), torch=torch.__version__,
                 ray=__import__("ray").__version__)
@@ -156,44 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(args.out / "ray_scaling.csv", df.to_csv(index=False).encode())
     atomic_write(args.out / "ray_scaling.json", json.dumps(dict(info=info, rows=rows), indent=2).encode())
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
-    labels = ["local"] + [f"Ray, {w} worker{'s' if w > 1 else ''}" for w in df.workers]
-    a.bar(labels, [df.local_median_s.mean(), *df.ray_median_s], color=["0.6", "C0", "C1"][:len(labels)])
-    a.set_ylabel("sweep wall time (s)")
-    a.set_title(f"{n_units} units, {args.profile} zoo")
-    b.plot(df.workers, df.speedup, "o-", label="measured")
-    b.plot(df.workers, df.workers * args.cpus_per_worker / df.workers.iloc[0], "k--", lw=1, label="ideal")
-    b.axhline(1, color="0.6", lw=1)
-    b.set_xticks(list(df.workers))
-    b.set_xlabel("Ray worker nodes")
-    b.set_ylabel("speed-up over the local loop")
-    b.legend()
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=args.out, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, args.out / "ray_scaling.png")
-
-    one, two = rows[0], rows[-1]
-    md = [f"Measured by `benchmarks/ray_scaling.py` on {os.cpu_count()} CPU cores (load average "
-          f"{one['load_before']:.1f} to {two['load_after']:.1f}), {args.profile} zoo, {n_units} units "
-          f"({len(variants)} variants × N ∈ {args.counts}, {len(grid)} α values each), "
-          f"{args.reps} repetitions, tables checked equal to the local loop's:", "",
-          "| configuration | median sweep time | speed-up over local | warm-up sweep |", "|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| local loop vs Ray, {r['workers']} worker node(s) | {r['local_median_s']:.2f} s vs "
-                  f"{r['ray_median_s']:.2f} s | {r['speedup']:.2f}× | {r['warmup_s']:.1f} s |")
-    md += ["", f"Overhead per unit with one worker: {one['overhead_per_unit_ms']:.0f} ms; round trip of an "
-               f"empty unit on warm workers: {one['empty_unit_round_trip_ms']:.1f} ms. Starting the local "
-               f"cluster took {cluster_start_s:.1f} s.", "",
-           "![Sweep wall time and speed-up of Ray with 1 and 2 worker nodes over the local loop]"
-           "(ray_scaling.png)", ""]
-    atomic_write(args.out / "ray_scaling.md", "\n".join(md).encode())
+    render(args.out, info, rows)
     print(df.to_string(index=False))
     print(f"written: {args.out / 'ray_scaling.csv'}, .json, .png, .md")
     return 0

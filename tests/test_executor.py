@@ -206,3 +206,25 @@ def test_local_executor_object_takes_the_plain_loop():
     a = ex.results_table(StubSuite(), [2, 3], v, progress=False)
     b = ex.results_table(StubSuite(), [2, 3], v, progress=False, executor=exe.make_executor("local"))
     pd.testing.assert_frame_equal(a.drop(columns="merge_seconds"), b.drop(columns="merge_seconds"), check_exact=True)
+
+
+def test_cluster_page_fragment_is_staged_or_explained(tmp_path):
+    """The cluster page includes book/_generated/ray_scaling.md: the benchmark's own fragment
+    and figure when benchmarks/results has them, else a sentence naming the command."""
+    from subboost import book
+
+    book.stage_benchmark_fragments(tmp_path, tmp_path / "stage")
+    text = (tmp_path / "stage" / "book" / "_generated" / "ray_scaling.md").read_text()
+    assert "python benchmarks/ray_scaling.py" in text
+    assert not (tmp_path / "stage" / "book" / "_generated" / "ray_scaling.png").exists()
+
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "ray_scaling.md").write_text("| measured |\n\n![scaling](ray_scaling.png)\n")
+    (results / "ray_scaling.png").write_bytes(b"\x89PNG")
+    book.stage_benchmark_fragments(tmp_path, tmp_path / "stage2")
+    staged = tmp_path / "stage2" / "book" / "_generated"
+    assert (staged / "ray_scaling.md").read_text().startswith("| measured |")
+    assert (staged / "ray_scaling.png").read_bytes() == b"\x89PNG"
+    toc = (ROOT / "_toc.yml").read_text()
+    assert "book/cluster" in toc and "_generated/ray_scaling.md" in (ROOT / "book" / "cluster.md").read_text()
