@@ -355,12 +355,17 @@ class LocalCluster:
             self._wait_for_cpus(expect_cpus, proc)
 
     def add_worker(self, count: int = 1) -> None:
-        """Start ``count`` more worker nodes at once and wait until their CPUs are in the cluster."""
-        for i in range(count):
+        """Start ``count`` more worker nodes, one after the other (concurrent starts time out on a
+        busy machine), each waited for until its CPUs are in the cluster; a node whose start
+        fails is tried once more."""
+        for _ in range(count):
             self._workers += 1
-            last = i == count - 1
-            self._start(["--address", self.address, "--num-cpus", str(self.cpus_per_worker)],
-                        expect_cpus=self._workers * self.cpus_per_worker if last else 0)
+            args = ["--address", self.address, "--num-cpus", str(self.cpus_per_worker)]
+            try:
+                self._start(args, expect_cpus=self._workers * self.cpus_per_worker)
+            except ExecutorError:
+                self._end(self.nodes.pop())
+                self._start(args, expect_cpus=self._workers * self.cpus_per_worker)
 
     def _wait_for_port(self, proc: Any) -> None:
         import time
@@ -397,23 +402,32 @@ class LocalCluster:
     def shutdown(self) -> None:
         """End the nodes started here (SIGTERM, then SIGKILL to their process groups)."""
         import shutil
-        import signal
-        import subprocess
 
         for proc in reversed(self.nodes):
             if proc.poll() is None:
                 proc.terminate()
         for proc in reversed(self.nodes):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-            try:  # children (raylet, gcs_server, workers) share the node's process group
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            self._end(proc)
         self.nodes = []
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+    @staticmethod
+    def _end(proc: Any) -> None:
+        """End one node started here: SIGTERM, a grace period, then SIGKILL to its process
+        group (its raylet, GCS and worker processes)."""
+        import signal
+        import subprocess
+
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def __enter__(self) -> "LocalCluster":
         return self

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from subboost import experiments as ex
-from subboost.executor import ExecutorError, LocalCluster, RayExecutor, SuiteSpec
+from subboost.executor import ExecutorError, LocalCluster, RayExecutor
 
 torch.set_num_threads(1)
 
