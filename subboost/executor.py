@@ -179,8 +179,11 @@ class RayExecutor:
                 if progress:
                     progress(1)
         finally:
-            for ref in refs[len(out):]:
-                ray.cancel(ref, force=True)
+            for ref in refs[len(out):]:  # a failure or an interrupt: drop the rest of the sweep
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 -- already finished or already failed
+                    pass
         return out
 
     def close(self) -> None:

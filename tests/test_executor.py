@@ -192,7 +192,7 @@ def test_chapter_through_ray_gives_the_local_tables(tmp_path):
     for t in tables:
         a = pd.read_csv(tmp_path / "local" / name / t)
         b = pd.read_csv(tmp_path / "ray" / name / t)
-        drop = [c for c in TIMINGS if c in a.columns]
+        drop = [c for c in a.columns if c.endswith("seconds")]  # timings (merge, ESM's capture)
         pd.testing.assert_frame_equal(a.drop(columns=drop), b.drop(columns=drop), check_exact=True)
 
 
