@@ -137,7 +137,9 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
     - ``alpha_grid`` and every ``*alpha_grid``: non-empty list of finite numbers > 0;
     - ``gammas`` and every ``*gammas``: non-empty list of finite numbers ≥ 0 (Supp. E.4);
     - ``zoo_root``, ``checkpoint_root``: ``None`` or an existing directory;
-    - ``model``: ``None`` or a non-empty string.
+    - ``model``: ``None`` or a non-empty string;
+    - ``executor`` ∈ {local, ray} and ``ray_address`` (``host:port`` of a Ray head, needed
+      with ``ray`` and checked to answer; :mod:`subboost.executor`).
 
     ``None`` is accepted for the prefixed list names (e.g. ``sweep_task_counts``), meaning
     "the profile's default"; never for ``task_counts``, ``betas``, ``alpha_grid``, ``gammas``.
@@ -201,6 +203,10 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
             out[name] = value
         else:
             out[name] = value
+    if "executor" in params or params.get("ray_address") is not None:
+        from subboost.executor import validate_executor
+
+        out["executor"], out["ray_address"] = validate_executor(params.get("executor", "local"), params.get("ray_address"))
     return out
 
 
@@ -494,11 +500,21 @@ def execute_book(
     keep_going: bool = False,
     log: Log = _quiet,
     progress: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> list[ChapterRun]:
     """Execute the selected chapters in order; write ``execution_report.txt`` and
     ``manifest.json`` into ``executed_dir``. Parameters are validated before any kernel starts
     (:class:`ParameterError`). Raises :class:`BookError` after the first failed chapter (after
-    all of them with ``keep_going``); the report names chapter, cell and traceback."""
+    all of them with ``keep_going``); the report names chapter, cell and traceback.
+
+    ``executor="ray"`` with ``ray_address``: the chapters run at the same time as Ray tasks on
+    that cluster (:func:`execute_chapters_ray`; every chapter runs, as with ``keep_going``),
+    and chapters that declare ``executor`` / ``ray_address`` get them, so their sweeps are
+    spread over the cluster too. The executed notebooks come back to ``executed_dir``."""
+    from subboost.executor import validate_executor
+
+    executor, ray_address = validate_executor(executor, ray_address)  # an unreachable address stops here
     overrides = dict(overrides or {})
     reserved = [k for k in overrides if k in REQUIRED_PARAMETERS]
     if reserved:
@@ -514,7 +530,15 @@ def execute_book(
     report_path = executed_dir / REPORT_NAME
     runs: list[ChapterRun] = []
     failures: list[str] = []
-    for ch in selected:
+    if executor == "ray":
+        cluster_overrides = {"executor": "ray", "ray_address": ray_address, **overrides}
+        for run, report in execute_chapters_ray(selected, address=ray_address, profile=profile, device=device,
+                                                seed=seed, executed_dir=executed_dir, overrides=cluster_overrides,
+                                                timeout=timeout, log=log):
+            runs.append(run)
+            if run.status != "ok":
+                failures.append(report)
+    for ch in selected if executor == "local" else ():
         log(f"[book] executing {ch.name} (profile {profile}, device {device}) ...")
         run, report = execute_chapter(ch, profile=profile, device=device, seed=seed, executed_dir=executed_dir,
                                       overrides=overrides, timeout=timeout, cwd=notebooks_dir.parent,
@@ -542,6 +566,78 @@ def execute_book(
                         + "; ".join(f"{r.chapter}: {r.error}" for r in bad)
                         + f". Report: {report_path}")
     return runs
+
+
+def _run_chapter_remotely(name: str, source_text: str, profile: str, device: str, seed: int,
+                          overrides: Mapping[str, Any], timeout: int | None) -> tuple[ChapterRun, str, dict[str, bytes]]:
+    """What a Ray worker runs for one chapter: execute it from its source text in a private
+    folder and return the run, the failure report and the files it produced (notebook and
+    output folder) as bytes, so the driver needs no shared filesystem for them."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=f"book-{name}-") as tmp:
+        src = Path(tmp) / "notebooks" / f"{name}.md"
+        src.parent.mkdir()
+        src.write_text(source_text, encoding="utf-8")
+        out = Path(tmp) / "executed"
+        run, report = execute_chapter(Chapter(name, src), profile=profile, device=device, seed=seed, executed_dir=out,
+                                      overrides=overrides, timeout=timeout, cwd=REPO_ROOT)
+        files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+                 if p.is_file() and not p.relative_to(out).parts[0].startswith(".")}
+        return run, report.replace(str(out), "{executed_dir}").replace(str(src), "{source}"), files
+
+
+def execute_chapters_ray(chapters: Sequence[Chapter], *, address: str, profile: str, device: str, seed: int,
+                         executed_dir: Path, overrides: Mapping[str, Any], timeout: int | None = None,
+                         log: Log = _quiet) -> list[tuple[ChapterRun, str]]:
+    """Execute ``chapters`` at the same time as Ray tasks on the cluster at ``address``; return
+    (run, failure report) per chapter in the chapters' order, with the executed notebooks
+    and output folders written into ``executed_dir`` (the same files as a local run).
+
+    Each chapter asks for one CPU, and one GPU when ``device`` is ``cuda``; a chapter that
+    spreads its own sweeps over the cluster (it declares ``executor``) asks for no CPU, so
+    that its units can use them. Workers need the package and the zoo or checkpoints at the
+    same paths; the chapters' sources travel with the tasks."""
+    import ray
+
+    from subboost.executor import RayExecutor
+
+    with RayExecutor(address, check=False) as runner:
+        refs = []
+        for ch in chapters:
+            declared = declared_parameters(load_chapter(ch), ch.name)
+            own = {k: v for k, v in overrides.items() if k in declared}
+            cpus = 0 if own.get("executor") == "ray" else 1
+            task = ray.remote(_run_chapter_remotely).options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0,
+                                                             max_retries=runner.max_retries)
+            log(f"[book] submitting {ch.name} to the Ray cluster at {address} ...")
+            refs.append(task.remote(ch.name, ch.source.read_text(encoding="utf-8"), profile, device, seed, own, timeout))
+        results = []
+        for ch, ref in zip(chapters, refs):
+            try:
+                run, report, files = ray.get(ref)
+            except ray.exceptions.RayError as err:
+                first = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                run = ChapterRun(ch.name, "failed", float("nan"), executed_dir / f"{ch.name}.failed.ipynb", dict(overrides), first)
+                results.append((run, f"Chapter {ch.name} FAILED on the Ray cluster at {address}\n{first}\n"))
+                log(f"[book]   {ch.name}: failed on the cluster ({first})")
+                continue
+            for stale in (executed_dir / f"{ch.name}.ipynb", executed_dir / f"{ch.name}.failed.ipynb"):
+                stale.unlink(missing_ok=True)
+            if (executed_dir / ch.name).is_dir():
+                shutil.rmtree(executed_dir / ch.name)
+            for rel, data in files.items():
+                dst = executed_dir / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                part = dst.with_name(dst.name + ".part")
+                part.write_bytes(data)
+                os.replace(part, dst)
+            run.notebook = executed_dir / Path(run.notebook).name
+            run.parameters["output_dir"] = str(executed_dir / ch.name)
+            report = report.replace("{executed_dir}", str(executed_dir)).replace("{source}", str(ch.source))
+            log(f"[book]   {ch.name}: {run.status} in {run.wall_time_s:.1f} s (on the cluster) -> {run.notebook}")
+            results.append((run, report))
+    return results
 
 
 def _write_manifest(executed_dir: Path, runs: Sequence[ChapterRun], profile: str, device: str, seed: int) -> None:
@@ -605,6 +701,7 @@ def stage_site(
     if (root / "book").is_dir():
         shutil.copytree(root / "book", stage_dir / "book",
                         ignore=shutil.ignore_patterns("_build", "_executed", "__pycache__", ".ipynb_checkpoints"))
+    stage_benchmark_fragments(root, stage_dir)
     missing = []
     for entry in _toc_files(root / "_toc.yml"):
         if not entry.startswith("notebooks/"):
@@ -641,6 +738,28 @@ def collapse_parameter_cells(path: Path) -> None:
         if cell.cell_type == "code" and {"parameters", "injected-parameters"} & set(tags) and "hide-input" not in tags:
             cell.metadata["tags"] = [*tags, "hide-input"]
     nbformat.write(nb, path)
+
+
+#: Benchmark outputs that book pages include: (results folder, file stem, the command that makes them).
+BENCHMARK_FRAGMENTS = (("benchmarks/results", "ray_scaling", "python benchmarks/ray_scaling.py"),)
+
+
+def stage_benchmark_fragments(root: Path, stage_dir: Path) -> None:
+    """Put ``book/_generated/<stem>.md`` (and its figure) in the staged sources for every
+    entry of :data:`BENCHMARK_FRAGMENTS`: the fragment the benchmark script wrote, when it
+    has been run in this checkout, else one sentence naming the command, so that a page
+    including it builds either way."""
+    out = Path(stage_dir) / "book" / "_generated"
+    out.mkdir(parents=True, exist_ok=True)
+    for folder, stem, command in BENCHMARK_FRAGMENTS:
+        src = Path(root) / folder
+        if (src / f"{stem}.md").is_file() and (src / f"{stem}.png").is_file():
+            shutil.copy2(src / f"{stem}.md", out / f"{stem}.md")
+            shutil.copy2(src / f"{stem}.png", out / f"{stem}.png")
+        else:
+            (out / f"{stem}.md").write_text(
+                f"*Not measured in this build:* `{command}` writes the table and the figure into "
+                f"`{folder}/`, and the next `python -m subboost.book build` shows them here.\n", encoding="utf-8")
 
 
 def build_site(
@@ -906,6 +1025,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="extra papermill parameter, value parsed as YAML (repeatable)")
         sp.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds (default: none)")
         sp.add_argument("--keep-going", action="store_true", help="execute the other chapters after a failure")
+        sp.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: one chapter after the other here (default); ray: chapters as Ray tasks")
+        sp.add_argument("--address", dest="ray_address", default=None, metavar="HOST:PORT",
+                        help="the Ray head to use with --executor ray (ray start --head prints it)")
         sp.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help=argparse.SUPPRESS)
 
     def add_build(sp: argparse.ArgumentParser) -> None:
@@ -938,7 +1061,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             execute_book(profile=args.profile, device=args.device, seed=args.seed, chapters=args.chapters,
                          overrides=overrides, notebooks_dir=args.notebooks_dir, executed_dir=args.executed_dir,
-                         timeout=args.timeout, keep_going=args.keep_going, log=log, progress=True)
+                         timeout=args.timeout, keep_going=args.keep_going, log=log, progress=True,
+                         executor=args.executor, ray_address=args.ray_address)
             log(f"[book] executed in {time.perf_counter() - t0:.1f} s; report: {args.executed_dir / REPORT_NAME}")
             log("[book] execution times:\n" + timing_text(args.executed_dir))
         if args.command in ("build", "all"):
