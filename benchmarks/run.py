@@ -1,16 +1,21 @@
-"""Side-by-side timings of subboost's fast routes against their references (issue 6).
+"""Side-by-side timings of subboost's fast routes against their references.
 
     python benchmarks/run.py            # full run (several minutes on 2 CPU cores)
     python benchmarks/run.py --quick    # book-chapter run (a few minutes on 2 CPU cores)
 
-Three sections, each timed reference-vs-ours **in one run, alternating** (the order flips every
+Three sections (and a calibration), each timed reference-vs-ours **in one run, alternating** (the order flips every
 repetition), reporting medians, the ratio of medians and the largest relative error:
 
-1. ``sb``: Subspace Boosting of a synthetic merged task vector with the real ViT-B/32 block
-   shapes (12 residual blocks × in_proj 2304×768, out_proj 768×768, c_fc 3072×768, c_proj
-   768×3072) and a realistic spectrum (see :func:`realistic_matrix`): the reference is paper
-   Alg. 1 (``route="svd"``, one float32 SVD per matrix), ours ``route="auto"``. Errors are
-   relative Frobenius norms per matrix, against the reference and against a float64 SVD.
+1. ``sb``: Subspace Boosting, every route (``svd`` = paper Alg. 1 verbatim, ``svd-tall``,
+   ``gram``, ``polar``, ``auto``) in one alternating loop per input class: (a) the mini zoo's
+   Task-Arithmetic task vectors (N = 8 and 20 from the ``ci`` zoo when it is built in
+   $SUBBOOST_ZOO_ROOT, else the ``smoke`` zoo's 3 tasks; real spectra, small shapes), (b) their
+   spectra transplanted to the ViT-B/32 block shapes (in_proj 2304×768, out_proj 768×768,
+   c_fc 3072×768, c_proj 768×3072; random orthonormal singular vectors, log σ interpolated),
+   (c) σ = 1e-3·[40, 25, 12, 2·j^(−p) …] on those shapes, p set for κ = 1e1 … 1e5. Per class:
+   median wall and CPU seconds of each route, auto's ratio to the fastest fixed route, the
+   routes auto took, each route's largest relative error against Alg. 1 in float64.
+   ``--sections calibrate`` fits the constants of :class:`subboost.boost.CostModel`.
 2. ``hogsvd``: S_π of the HO-GSVD (paper Eq. 31-32) for N = 8, 14, 20 task matrices of
    768 × 768: :func:`subboost.hogsvd.s_pi_pairwise` (N(N−1) products) against
    :func:`subboost.hogsvd.s_pi` (Σ_{i≠j} D_i D_j⁻¹ = (Σ D_i)(Σ D_j⁻¹) − N·I; on the CPU
