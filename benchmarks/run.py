@@ -272,21 +272,26 @@ def sb_classes(counts: list[int], kappas: list[float], layers: int = 1, seed: in
 
 def bench_sb(reps: int, betas: list[float], truth: bool, device: torch.device = torch.device("cpu"),
              counts: tuple[int, ...] = (8, 20), kappas: tuple[float, ...] = (1e1, 1e2, 1e3, 1e4, 1e5),
-             layers: int = 1) -> list[dict]:
+             layers: int = 1, kinds: str = "abc") -> list[dict]:
     """Every route of :data:`SB_ROUTES` on every input class of :func:`sb_classes`, in one
     alternating loop per class and β; medians, auto's ratio to the fastest fixed route, the
-    routes auto took and each route's largest relative error against Alg. 1 in float64."""
+    routes auto took and each route's largest relative error against Alg. 1 in float64.
+    ``kinds``: which classes, of "a" (zoo), "b" (transplanted), "c" (synthetic κ)."""
     from subboost.boost import boost_matrices
 
     rows = []
     for label, tv in sb_classes(list(counts), list(kappas), layers):
+        if label[1] not in kinds:
+            continue
         mats = [v.to(device) for v in tv.values()]
+        # small matrices take milliseconds: repeat them 10 times as often (the medians settle)
+        class_reps = reps * 10 if sum(v.numel() for v in tv.values()) < 1_000_000 else reps
         truth_cache: dict[float, list[torch.Tensor]] = {}
         for beta in betas:
             l0 = load()
             fns = {r: (lambda r=r: boost_matrices(mats, beta, route=r)) for r in SB_ROUTES}
             cpu: dict[str, list[float]] = {}
-            times, results = alternate_many(fns, reps, device, cpu)
+            times, results = alternate_many(fns, class_reps, device, cpu)
             med = {r: statistics.median(t) for r, t in times.items()}
             med_cpu = {r: statistics.median(t) for r, t in cpu.items()}
             best_cpu = min((r for r in SB_ROUTES if r != "auto"), key=lambda r: med_cpu[r])
@@ -300,7 +305,7 @@ def bench_sb(reps: int, betas: list[float], truth: bool, device: torch.device = 
                 reference="route=svd (Alg. 1, float32 SVD)",
                 ours="route=auto (" + ", ".join(f"{n} {u}" for u, n in used.items()) + ")",
                 ref_median_s=med["svd"], ours_median_s=med["auto"], ratio=med["svd"] / med["auto"],
-                best_fixed_route=best, auto_over_best=med[best] / med["auto"], reps=reps,
+                best_fixed_route=best, auto_over_best=med[best] / med["auto"], reps=class_reps,
                 threads=torch.get_num_threads(), best_fixed_route_cpu=best_cpu,
                 auto_over_best_cpu=med_cpu[best_cpu] / med_cpu["auto"], ratio_cpu=med_cpu["svd"] / med_cpu["auto"],
                 max_rel_err=max(rel(o, r) for (o, _, _), (r, _, _) in zip(results["auto"], results["svd"])),
@@ -636,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--betas", type=float, nargs="+", default=None, help="SB β values (default 0 0.02; quick: 0)")
     parser.add_argument("--kappas", type=float, nargs="+", default=None,
                         help="κ of the synthetic SB classes (default 1e1 1e2 1e3 1e4 1e5; quick: 1e1 1e3 1e5)")
+    parser.add_argument("--sb-classes", default="abc",
+                        help="SB input classes: a (zoo TA), b (zoo spectra on ViT-B/32 shapes), c (κ sweep)")
     parser.add_argument("--zoo-counts", type=int, nargs="+", default=[8, 20],
                         help="N of the zoo's TA task vectors (capped at the zoo's task count)")
     parser.add_argument("--no-truth", action="store_true", help="skip the float64 SVD accuracy check")
@@ -675,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     if "sb" in args.sections:
         kappas = args.kappas or ([1e1, 1e3, 1e5] if args.quick else [1e1, 1e2, 1e3, 1e4, 1e5])
         rows += bench_sb(reps, betas, truth=not args.no_truth, device=device, counts=tuple(args.zoo_counts),
-                         kappas=tuple(kappas))
+                         kappas=tuple(kappas), kinds=args.sb_classes)
     if "hogsvd" in args.sections:
         counts = [8, 20] if args.quick else [8, 14, 20]
         rows += bench_hogsvd(max(2, reps - 1) if args.quick else reps, counts, device=device)

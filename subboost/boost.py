@@ -484,6 +484,7 @@ def boost_matrices(
         if len(beta_list) != len(mats):
             raise ValueError(f"betas: got {len(beta_list)} values for {len(mats)} matrices")
     threads = torch.get_num_threads()
+    decided: dict[tuple, tuple[str, CostModel | None]] = {}  # first-phase choice per shape, dtype, device
     results: list[tuple[Tensor, int | None, str]] = []
     for m, name, beta in zip(mats, names, beta_list):
         if m.ndim != 2 or not m.is_floating_point():
@@ -497,8 +498,11 @@ def boost_matrices(
         work = m.detach().to(_compute_dtype(m.dtype))
         r, probe = route, None
         if r == "auto":
-            model = cost_model(m.device, threads)
-            r = choose_route(tuple(m.shape), work.dtype, model)
+            key = (tuple(m.shape), work.dtype, m.device)
+            if key not in decided:
+                model = cost_model(m.device, threads)
+                decided[key] = (choose_route(key[0], work.dtype, model), model)
+            r, model = decided[key]
             if r == "gram" and model is not None and work.dtype != torch.float64:
                 probe = _gram_probe(work)  # the Gram route reuses its float32 Gram
                 r = choose_route(tuple(m.shape), work.dtype, model, probe.gram64, probe.apply64)
