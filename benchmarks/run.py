@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from subboost.boost import boost_singular_values, boost_task_vector_with_report  # noqa: E402
+from subboost.boost import boost_singular_values  # noqa: E402
 from subboost.checkpoints import atomic_path  # noqa: E402
 
 VIT_B32_BLOCK = {

@@ -98,8 +98,8 @@ float32 input of full rank with κ = σ_max/σ_min ≤ :data:`MAX_COND`:
   When polar(M) is ill-defined (rank deficient, κ > :data:`MAX_COND`) or the iteration did
   not reach orthonormality, it falls back to ``"svd"``.
 - ``"auto"`` (default): per matrix, the route a measured cost model (:class:`CostModel`,
-  :func:`predicted_seconds`) predicts to be fastest for the shape, dtype, device and torch's
-  thread count, among ``"svd"``, ``"svd-tall"``, ``"gram"`` and ``"polar"``. The Gram route's
+  :func:`predicted_seconds`) predicts to be fastest for the shape, dtype and device (the CPU
+  model was fitted with one thread and serves every thread count so far), among ``"svd"``, ``"svd-tall"``, ``"gram"`` and ``"polar"``. The Gram route's
   cost depends on the conditioning (float32 or float64 Gram and product): where it may win,
   auto first forms the float32 Gram and the probe (which the Gram route then reuses), and
   decides with the precision they call for. On devices without a measured model (GPUs so
