@@ -191,8 +191,9 @@ def cost_model(device: torch.device | str, threads: int | None = None) -> CostMo
 def predicted_seconds(shape: tuple[int, int], dtype: torch.dtype, model: CostModel,
                       gram64: bool | None = None, apply64: bool | None = None) -> dict[str, float]:
     """Predicted seconds of each route for one matrix. ``gram64`` / ``apply64``: the Gram
-    route's precisions, ``None`` before they are known (the float32 optimum; float64 inputs
-    are float64 throughout)."""
+    route's precisions, ``None`` before they are known (the float32 optimum, probe included;
+    float64 inputs are float64 throughout). Once they are known the probe has run, and the
+    Gram route's prediction is what is left of it (the probe's cost is spent either way)."""
     m, n = shape
     f64 = dtype == torch.float64
     g64 = f64 or bool(gram64)
@@ -200,7 +201,7 @@ def predicted_seconds(shape: tuple[int, int], dtype: torch.dtype, model: CostMod
     return {
         "svd": model.svd(m, n, dtype, tall=False),
         "svd-tall": model.svd(m, n, dtype, tall=True),
-        "gram": model.gram(m, n, g64, a64, probe=not f64),
+        "gram": model.gram(m, n, g64, a64, probe=not f64 and gram64 is None),
         "polar": model.polar(m, n),
     }
 

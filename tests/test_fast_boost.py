@@ -301,8 +301,9 @@ def test_predicted_seconds_by_hand():
     # eigh 1000 + W 0.2·1000 + Gram32 0.1·4000 + product32 0.1·4000 + Cholesky probe 0.3·1000/3
     assert t["gram"] == pytest.approx(1000 + 200 + 400 + 400 + 100)
     t64 = predicted_seconds((m, n), torch.float32, UNIT, gram64=True, apply64=True)
-    # float64 Gram and product, plus the float32 Gram of the probe
-    assert t64["gram"] == pytest.approx(1000 + 200 + 800 + 800 + 400 + 100)
+    # after the probe: what is left, a float64 Gram and product
+    assert t64["gram"] == pytest.approx(1000 + 200 + 800 + 800)
+    assert UNIT.gram(m, n, True, True, probe=True) == pytest.approx(1000 + 200 + 800 + 800 + 400 + 100)
     assert predicted_seconds((n, m), torch.float32, UNIT)["svd"] == pytest.approx(2 * t["svd"])
     assert predicted_seconds((m, n), torch.float64, UNIT)["svd"] == pytest.approx(2 * t["svd"])
 
@@ -314,7 +315,7 @@ def test_choose_route_decisions():
     assert choose_route((768, 3072), torch.float32, wide_penalty) == "svd-tall"
     assert choose_route((3072, 768), torch.float32, wide_penalty) == "svd"  # tall: no penalty, tie → svd
     # the SVD costs between the float32 and the float64 Gram route: the probe's verdict decides
-    # (4000 × 100: SVD 4.1e7; Gram route 9.1e6 in float32, 5.3e7 in float64 with the probe)
+    # (4000 × 100: SVD 4.1e7; Gram route 9.1e6 in float32 with the probe, 4.9e7 left in float64)
     mid = CostModel(svd_mk2=1.0, svd_k3=1.0, svd_wide=1.0, gemm32=0.1, gemm64=0.6, eigh64=0.5, chol64=0.1)
     assert choose_route((4000, 100), torch.float32, mid) == "gram"
     assert choose_route((4000, 100), torch.float32, mid, gram64=True, apply64=True) == "svd"
