@@ -152,7 +152,7 @@ def _method_args(p: argparse.ArgumentParser, default_boost: float | None) -> Non
                    help=helptext + ("; omit for no boosting" if default_boost is None else f" (default {default_boost})"))
     g.add_argument("--boost-layers", nargs="+", choices=["attn", "mlp"], default=["attn", "mlp"], help="layer types to boost (default both)")
     g.add_argument("--boost-proj", action="store_true", help="also boost the visual projection")
-    g.add_argument("--boost-route", default="auto", choices=["auto", "svd", "svd-tall", "gram"],
+    g.add_argument("--boost-route", default="auto", choices=["auto", "svd", "svd-tall", "gram", "polar"],
                    help="how SB is computed (default auto: exact fast route; svd: paper Alg. 1 verbatim)")
     g.add_argument("--attention", default="fused", choices=["fused", "qkv", "heads"],
                    help="how SB treats the Q/K/V projections: fused in_proj as one matrix (default), "
