@@ -1,16 +1,21 @@
-"""Side-by-side timings of subboost's fast routes against their references (issue 6).
+"""Side-by-side timings of subboost's fast routes against their references.
 
     python benchmarks/run.py            # full run (several minutes on 2 CPU cores)
     python benchmarks/run.py --quick    # book-chapter run (a few minutes on 2 CPU cores)
 
-Three sections, each timed reference-vs-ours **in one run, alternating** (the order flips every
+Three sections (and a calibration), each timed reference-vs-ours **in one run, alternating** (the order flips every
 repetition), reporting medians, the ratio of medians and the largest relative error:
 
-1. ``sb``: Subspace Boosting of a synthetic merged task vector with the real ViT-B/32 block
-   shapes (12 residual blocks × in_proj 2304×768, out_proj 768×768, c_fc 3072×768, c_proj
-   768×3072) and a realistic spectrum (see :func:`realistic_matrix`): the reference is paper
-   Alg. 1 (``route="svd"``, one float32 SVD per matrix), ours ``route="auto"``. Errors are
-   relative Frobenius norms per matrix, against the reference and against a float64 SVD.
+1. ``sb``: Subspace Boosting, every route (``svd`` = paper Alg. 1 verbatim, ``svd-tall``,
+   ``gram``, ``polar``, ``auto``) in one alternating loop per input class: (a) the mini zoo's
+   Task-Arithmetic task vectors (N = 8 and 20 from the ``ci`` zoo when it is built in
+   $SUBBOOST_ZOO_ROOT, else the ``smoke`` zoo's 3 tasks; real spectra, small shapes), (b) their
+   spectra transplanted to the ViT-B/32 block shapes (in_proj 2304×768, out_proj 768×768,
+   c_fc 3072×768, c_proj 768×3072; random orthonormal singular vectors, log σ interpolated),
+   (c) σ = 1e-3·[40, 25, 12, 2·j^(−p) …] on those shapes, p set for κ = 1e1 … 1e5. Per class:
+   median wall and CPU seconds of each route, auto's ratio to the fastest fixed route, the
+   routes auto took, each route's largest relative error against Alg. 1 in float64.
+   ``--sections calibrate`` fits the constants of :class:`subboost.boost.CostModel`.
 2. ``hogsvd``: S_π of the HO-GSVD (paper Eq. 31-32) for N = 8, 14, 20 task matrices of
    768 × 768: :func:`subboost.hogsvd.s_pi_pairwise` (N(N−1) products) against
    :func:`subboost.hogsvd.s_pi` (Σ_{i≠j} D_i D_j⁻¹ = (Σ D_i)(Σ D_j⁻¹) − N·I; on the CPU
@@ -50,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from subboost.boost import boost_singular_values, boost_task_vector_with_report  # noqa: E402
+from subboost.boost import boost_singular_values  # noqa: E402
 from subboost.io import atomic_path  # noqa: E402
 
 VIT_B32_BLOCK = {
@@ -93,15 +98,18 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def alternate_many(fns: dict[str, Callable[[], Any]], reps: int,
-                   device: torch.device = torch.device("cpu")) -> tuple[dict[str, list[float]], dict[str, Any]]:
+def alternate_many(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device = torch.device("cpu"),
+                   cpu_times: dict[str, list[float]] | None = None) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Time every function ``reps`` times, rotating which goes first each repetition (and
     reversing the order every other one); returns the seconds and the last result per name.
     On an accelerator every function first runs once untimed (library and kernel start-up) and
-    each timing ends with a device synchronisation."""
+    each timing ends with a device synchronisation. ``cpu_times``, when given, receives the
+    process CPU seconds of each call: with one torch thread on a CPU shared with other jobs,
+    the work itself, without the time spent waiting for a core."""
     sync = synchronizer(device)
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     results: dict[str, Any] = {}
     if device.type != "cpu":
         for name in names:
@@ -112,10 +120,13 @@ def alternate_many(fns: dict[str, Callable[[], Any]], reps: int,
         if rep % 2:
             order.reverse()
         for name in order:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             results[name] = fns[name]()
             sync()
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    if cpu_times is not None:
+        cpu_times.update(cpu)
     return times, results
 
 
@@ -133,6 +144,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- 1. SB
+
+SB_ROUTES = ("svd", "svd-tall", "gram", "polar", "auto")
+"""Routes timed side by side on every SB input class (``svd`` is paper Alg. 1 verbatim)."""
 
 
 def realistic_matrix(m: int, n: int, gen: torch.Generator, n_tasks: int = 20) -> torch.Tensor:
@@ -162,44 +176,213 @@ def realistic_matrix(m: int, n: int, gen: torch.Generator, n_tasks: int = 20) ->
     return (1e-3 * out).to(torch.float32)
 
 
-def vit_b32_task_vector(seed: int = 0, layers: int = VIT_B32_LAYERS) -> dict[str, torch.Tensor]:
+def spectrum_matrix(m: int, n: int, s: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """U diag(s) Vᵀ with random orthonormal U (m × k), V (n × k), k = min(m, n), as float32."""
+    k = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))[0]
+    return ((u * s.to(torch.float64)[:k]) @ v.T).to(torch.float32)
+
+
+def synthetic_spectrum(k: int, kappa: float) -> torch.Tensor:
+    """σ = 1e-3·[40, 25, 12, 2·j^(−p) for j = 1 … k − 3]: three strong directions over a
+    power-law tail, p chosen so that σ_max/σ_min = ``kappa``; below κ ≈ 40 the tail flattens
+    to p = 0.1 and the head shrinks instead."""
+    tail_len = k - 3
+    p = math.log(kappa / 20.0) / math.log(tail_len)
+    head = torch.tensor([40.0, 25.0, 12.0], dtype=torch.float64)
+    if p < 0.1:
+        p = 0.1
+        head = head * kappa * 2.0 * tail_len ** -p / 40.0
+    tail = 2.0 * torch.arange(1, tail_len + 1, dtype=torch.float64) ** -p
+    return 1e-3 * torch.cat([head, tail]).sort(descending=True).values
+
+
+def transplant_spectrum(s: torch.Tensor, k: int) -> torch.Tensor:
+    """A spectrum of ``k`` values with the shape of ``s`` (descending, nonzero): log σ linearly
+    interpolated over the relative index i/(len − 1), so the head, the decay and κ carry over."""
+    s = s.to(torch.float64).clamp(min=float(s.max()) * 1e-12)
+    x = torch.linspace(0.0, 1.0, len(s), dtype=torch.float64)
+    t = torch.linspace(0.0, 1.0, k, dtype=torch.float64)
+    pos = torch.searchsorted(x, t).clamp(1, len(s) - 1)
+    w = (t - x[pos - 1]) / (x[pos] - x[pos - 1])
+    logs = torch.log(s)
+    return torch.exp(logs[pos - 1] * (1 - w) + logs[pos] * w)
+
+
+def zoo_ta_matrices(counts: list[int]) -> tuple[str, dict[int, dict[str, torch.Tensor]]]:
+    """Task Arithmetic sums Σ_t Δ_t of the mini zoo's first N tasks (block matrices only), for
+    each N in ``counts`` the zoo has: the ``ci`` zoo where it is built in $SUBBOOST_ZOO_ROOT,
+    else ``smoke`` (3 tasks). Returns the profile and {N: {key: matrix}}."""
+    from subboost.taskvector import LAYER_TYPES, select_block_keys
+    from subboost.zoo import load_suite
+
+    suite, profile = None, None
+    for profile in ("ci", "smoke"):
+        try:
+            suite = load_suite(profile, build_if_missing=False, progress=False, device="cpu")
+            break
+        except FileNotFoundError:
+            continue
+    if suite is None:
+        raise FileNotFoundError("no mini zoo is built (python -m subboost.zoo build --profile smoke)")
+    names = list(suite.task_names)
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for count in sorted({min(c, len(names)) for c in counts}):
+        vectors = suite.task_vectors(names[:count])
+        keys = select_block_keys(next(iter(vectors.values())), LAYER_TYPES, False)
+        summed = {k: sum(v[k].to(torch.float32) for v in vectors.values()) for k in keys}
+        out[count] = {k: m for k, m in summed.items() if bool(m.any())}  # the frozen text tower is zero
+    return profile, out
+
+
+def sb_classes(counts: list[int], kappas: list[float], layers: int = 1, seed: int = 0) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """The SB input classes: (a) the zoo's TA task vectors, (b) their spectra transplanted to
+    ViT-B/32 shapes (per matrix type, from the zoo's last block), (c) synthetic power-law
+    spectra at each κ in ``kappas`` with ViT-B/32 shapes; ``layers`` ViT-B/32 blocks each."""
+    classes: list[tuple[str, dict[str, torch.Tensor]]] = []
     gen = torch.Generator().manual_seed(seed)
-    return {f"visual.transformer.resblocks.{l}.{name}": realistic_matrix(*shape, gen)
-            for l in range(layers) for name, shape in VIT_B32_BLOCK.items()}
+    try:
+        profile, zoo = zoo_ta_matrices(counts)
+    except FileNotFoundError as err:
+        print(f"skipping the zoo classes: {err}", file=sys.stderr)
+        zoo, profile = {}, None
+    for count, mats in zoo.items():
+        shape = next(iter(mats.values())).shape
+        classes.append((f"(a) zoo {profile} TA N={count}: {len(mats)} matrices, min side {min(shape)}", mats))
+    for count, mats in zoo.items():
+        last: dict[str, torch.Tensor] = {}
+        for key, m in mats.items():
+            last[key.split("resblocks.", 1)[1].split(".", 1)[1]] = torch.linalg.svdvals(m.double())
+        tv = {}
+        for l in range(layers):
+            for name, shape in VIT_B32_BLOCK.items():
+                s = last.get(name)
+                if s is None:
+                    continue
+                tv[f"visual.transformer.resblocks.{l}.{name}"] = spectrum_matrix(*shape, transplant_spectrum(s, min(shape)), gen)
+        kap = max(float(torch.linalg.svdvals(m.double()).max() / torch.linalg.svdvals(m.double()).min()) for m in tv.values())
+        classes.append((f"(b) zoo N={count} spectra on ViT-B/32 shapes (κ ≤ {kap:.0e})", tv))
+    for kappa in kappas:
+        tv = {f"visual.transformer.resblocks.{l}.{name}": spectrum_matrix(*shape, synthetic_spectrum(min(shape), kappa), gen)
+              for l in range(layers) for name, shape in VIT_B32_BLOCK.items()}
+        classes.append((f"(c) power-law tail, κ = {kappa:.0e}, ViT-B/32 shapes", tv))
+    return classes
 
 
-def bench_sb(reps: int, betas: list[float], truth: bool, device: torch.device = torch.device("cpu")) -> list[dict]:
-    tv = {k: v.to(device) for k, v in vit_b32_task_vector().items()}
+def bench_sb(reps: int, betas: list[float], truth: bool, device: torch.device = torch.device("cpu"),
+             counts: tuple[int, ...] = (8, 20), kappas: tuple[float, ...] = (1e1, 1e2, 1e3, 1e4, 1e5),
+             layers: int = 1, kinds: str = "abc") -> list[dict]:
+    """Every route of :data:`SB_ROUTES` on every input class of :func:`sb_classes`, in one
+    alternating loop per class and β; medians, auto's ratio to the fastest fixed route, the
+    routes auto took and each route's largest relative error against Alg. 1 in float64.
+    ``kinds``: which classes, of "a" (zoo), "b" (transplanted), "c" (synthetic κ)."""
+    from subboost.boost import boost_matrices
+
     rows = []
-    truth_cache: dict[tuple[str, float], torch.Tensor] = {}
-    for beta in betas:
-        l0 = load()
-        t_ref, t_ours, (ref, _), (ours, rep) = alternate(
-            lambda: boost_task_vector_with_report(tv, beta, route="svd"),
-            lambda: boost_task_vector_with_report(tv, beta, route="auto"), reps, device)
-        errs = [rel(ours[k], ref[k]) for k in tv]
-        row = dict(
-            section="sb", device=str(device), benchmark=f"SB β={beta:g}, ViT-B/32 task vector ({len(tv)} matrices)",
-            reference="route=svd (Alg. 1, float32 SVD)", ours="route=auto (" + ", ".join(
-                f"{n} {r}" for r, n in rep["route"].value_counts().items()) + ")",
-            ref_median_s=statistics.median(t_ref), ours_median_s=statistics.median(t_ours),
-            ratio=statistics.median(t_ref) / statistics.median(t_ours), reps=reps,
-            max_rel_err=max(errs), mean_rel_err=statistics.mean(errs),
-            ref_times_s=[round(t, 4) for t in t_ref], ours_times_s=[round(t, 4) for t in t_ours],
-            load_before=l0, load_after=load(),
-        )
-        if truth:
-            e_ref, e_ours = [], []
-            for k, m in tv.items():
-                if (k, beta) not in truth_cache:
-                    u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
-                    truth_cache[(k, beta)] = (u * boost_singular_values(s, beta)) @ vh
-                t = truth_cache[(k, beta)]
-                e_ref.append(rel(ref[k], t))
-                e_ours.append(rel(ours[k], t))
-            row.update(max_rel_err_ref_vs_float64=max(e_ref), max_rel_err_ours_vs_float64=max(e_ours))
-        rows.append(row)
+    for label, tv in sb_classes(list(counts), list(kappas), layers):
+        if label[1] not in kinds:
+            continue
+        mats = [v.to(device) for v in tv.values()]
+        # small matrices take milliseconds: repeat them 10 times as often (the medians settle)
+        class_reps = reps * 10 if sum(v.numel() for v in tv.values()) < 1_000_000 else reps
+        truth_cache: dict[float, list[torch.Tensor]] = {}
+        for beta in betas:
+            l0 = load()
+            fns = {r: (lambda r=r: boost_matrices(mats, beta, route=r)) for r in SB_ROUTES}
+            cpu: dict[str, list[float]] = {}
+            times, results = alternate_many(fns, class_reps, device, cpu)
+            med = {r: statistics.median(t) for r, t in times.items()}
+            med_cpu = {r: statistics.median(t) for r, t in cpu.items()}
+            best_cpu = min((r for r in SB_ROUTES if r != "auto"), key=lambda r: med_cpu[r])
+            fixed = [r for r in SB_ROUTES if r != "auto"]
+            best = min(fixed, key=lambda r: med[r])
+            used = {}
+            for _, _, u in results["auto"]:
+                used[u] = used.get(u, 0) + 1
+            row = dict(
+                section="sb", device=str(device), benchmark=f"SB β={beta:g}, {label}", matrices=len(mats),
+                reference="route=svd (Alg. 1, float32 SVD)",
+                ours="route=auto (" + ", ".join(f"{n} {u}" for u, n in used.items()) + ")",
+                ref_median_s=med["svd"], ours_median_s=med["auto"], ratio=med["svd"] / med["auto"],
+                best_fixed_route=best, auto_over_best=med[best] / med["auto"], reps=class_reps,
+                threads=torch.get_num_threads(), best_fixed_route_cpu=best_cpu,
+                auto_over_best_cpu=med_cpu[best_cpu] / med_cpu["auto"], ratio_cpu=med_cpu["svd"] / med_cpu["auto"],
+                max_rel_err=max(rel(o, r) for (o, _, _), (r, _, _) in zip(results["auto"], results["svd"])),
+                load_before=l0, load_after=load(),
+            )
+            for r in SB_ROUTES:
+                key = r.replace("-", "_")
+                row[f"{key}_median_s"] = med[r]
+                row[f"{key}_cpu_median_s"] = med_cpu[r]
+                row[f"{key}_times_s"] = [round(t, 4) for t in times[r]]
+            if truth:
+                if beta not in truth_cache:
+                    truth_cache[beta] = []
+                    for m in mats:
+                        u, s, vh = torch.linalg.svd(m.double().cpu(), full_matrices=False)
+                        truth_cache[beta].append((u * boost_singular_values(s, beta)) @ vh)
+                for r in SB_ROUTES:
+                    row[f"{r.replace('-', '_')}_max_rel_err_vs_float64"] = max(
+                        rel(o.cpu(), t) for (o, _, _), t in zip(results[r], truth_cache[beta]))
+                    row[f"{r.replace('-', '_')}_routes"] = ",".join(sorted({u for _, _, u in results[r]}))
+            rows.append(row)
+            print_sb_row(row, flush=True)
     return rows
+
+
+def print_sb_row(r: dict, flush: bool = False) -> None:
+    meds = " ".join(f"{x}={r[x.replace('-', '_') + '_median_s']:.3f}" for x in SB_ROUTES)
+    cpus = " ".join(f"{x}={r[x.replace('-', '_') + '_cpu_median_s']:.3f}" for x in SB_ROUTES)
+    errs = " ".join(f"{x}={r.get(x.replace('-', '_') + '_max_rel_err_vs_float64', float('nan')):.0e}" for x in SB_ROUTES)
+    print(f"{r['benchmark']}\n    medians s: {meds}; svd/auto {r['ratio']:.2f}x, auto/best({r['best_fixed_route']}) "
+          f"{r['auto_over_best']:.2f}; {r['ours']}; load {r['load_before']:.1f}-{r['load_after']:.1f}\n"
+          f"    CPU s: {cpus}; svd/auto {r['ratio_cpu']:.2f}x, auto/best({r['best_fixed_route_cpu']}) "
+          f"{r['auto_over_best_cpu']:.2f}\n"
+          f"    max rel err vs float64: {errs}", flush=flush)
+
+
+def calibrate(reps: int = 3) -> dict[str, float]:
+    """Times the kernels of :class:`subboost.boost.CostModel` at ViT-B/32 sizes (and each
+    route's fixed cost on a 64 × 64 matrix) in CPU seconds with torch's current thread count,
+    and fits its constants."""
+    from subboost.boost import boost_matrices
+
+    def med(f: Callable[[], Any], inner: int = 1) -> float:
+        f()
+        ts = []
+        for _ in range(reps):
+            t = time.process_time()  # CPU seconds: robust against other jobs on a shared machine
+            for _ in range(inner):
+                f()
+            ts.append((time.process_time() - t) / inner)
+        return statistics.median(ts)
+
+    gen = torch.Generator().manual_seed(0)
+    tall = torch.randn(3072, 768, generator=gen)
+    sq = torch.randn(768, 768, generator=gen)
+    t_tall = med(lambda: torch.linalg.svd(tall, full_matrices=False))
+    t_wide = med(lambda: torch.linalg.svd(tall.T, full_matrices=False))
+    t_sq = med(lambda: torch.linalg.svd(sq, full_matrices=False))
+    k = 768
+    # t = a·m·k² + b·k³ through the tall (m = 3072) and square (m = 768) SVDs
+    a = (t_tall - t_sq) / ((3072 - 768) * k * k)
+    b = (t_sq - a * 768 * k * k) / k ** 3
+    t64 = tall.double()
+    g = t64.T @ t64
+    out = dict(
+        svd_mk2=a, svd_k3=max(b, 0.0), svd_wide=t_wide / t_tall,
+        gemm32=med(lambda: tall @ sq) / (3072 * k * k),
+        gemm64=med(lambda: t64 @ g) / (3072 * k * k),
+        eigh64=med(lambda: torch.linalg.eigh(g)) / k ** 3,
+        chol64=med(lambda: torch.cholesky_inverse(torch.linalg.cholesky(g))) / k ** 3,
+        f64=med(lambda: torch.linalg.svd(sq.double(), full_matrices=False)) / t_sq,
+    )
+    small = [torch.randn(64, 64, generator=gen) * torch.logspace(0, -2, 64)]
+    for route in ("svd", "gram", "polar"):
+        out[f"{route}_call"] = med(lambda: boost_matrices(small, 0.0, route=route), inner=20)
+    return out
+
 
 
 # ----------------------------------------------------------------------------- 2. HO-GSVD
@@ -411,7 +594,10 @@ def bench_stream(n_experts: int, load_all_counts: list[int], workdir: Path, keep
 
 
 def print_table(rows: list[dict]) -> None:
-    timed = [r for r in rows if "ratio" in r]
+    for r in rows:
+        if r.get("section") == "sb":
+            print_sb_row(r)
+    timed = [r for r in rows if "ratio" in r and r.get("section") != "sb"]
     if timed:
         print(f"{'benchmark':58} {'ref med s':>10} {'ours med s':>10} {'ratio':>7} {'max rel err':>11} {'load':>9}")
         for r in timed:
@@ -448,9 +634,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="3 repetitions, β = 0 only, N = 8 and 20 for HO-GSVD, 4 streamed experts (a few minutes)")
-    parser.add_argument("--sections", nargs="+", choices=["sb", "hogsvd", "stream"], default=["sb", "hogsvd", "stream"])
+    parser.add_argument("--sections", nargs="+", choices=["sb", "hogsvd", "stream", "calibrate"],
+                        default=["sb", "hogsvd", "stream"],
+                        help="calibrate: time the kernels of subboost.boost.CostModel and print its constants")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per timing (default 5, quick 3)")
     parser.add_argument("--betas", type=float, nargs="+", default=None, help="SB β values (default 0 0.02; quick: 0)")
+    parser.add_argument("--kappas", type=float, nargs="+", default=None,
+                        help="κ of the synthetic SB classes (default 1e1 1e2 1e3 1e4 1e5; quick: 1e1 1e3 1e5)")
+    parser.add_argument("--sb-classes", default="abc",
+                        help="SB input classes: a (zoo TA), b (zoo spectra on ViT-B/32 shapes), c (κ sweep)")
+    parser.add_argument("--zoo-counts", type=int, nargs="+", default=[8, 20],
+                        help="N of the zoo's TA task vectors (capped at the zoo's task count)")
     parser.add_argument("--no-truth", action="store_true", help="skip the float64 SVD accuracy check")
     parser.add_argument("--experts", type=int, default=None, help="streamed experts (default 20, quick 4)")
     parser.add_argument("--load-all", type=int, nargs="+", default=None, help="N for the load-everything runs (default 2 4)")
@@ -480,9 +674,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
           f"load {info['load_start']:.2f}", flush=True)
     rows: list[dict] = []
+    if "calibrate" in args.sections:
+        fitted = calibrate(reps)
+        info["calibration"] = fitted
+        print(f"CostModel fitted with {torch.get_num_threads()} threads, load {load():.2f}: "
+              + ", ".join(f"{k}={v:.2g}" for k, v in fitted.items()), flush=True)
     if "sb" in args.sections:
-        rows += bench_sb(reps, betas, truth=not args.no_truth, device=device)
-        print_table([r for r in rows if r["section"] == "sb"])
+        kappas = args.kappas or ([1e1, 1e3, 1e5] if args.quick else [1e1, 1e2, 1e3, 1e4, 1e5])
+        rows += bench_sb(reps, betas, truth=not args.no_truth, device=device, counts=tuple(args.zoo_counts),
+                         kappas=tuple(kappas), kinds=args.sb_classes)
     if "hogsvd" in args.sections:
         counts = [8, 20] if args.quick else [8, 14, 20]
         rows += bench_hogsvd(max(2, reps - 1) if args.quick else reps, counts, device=device)

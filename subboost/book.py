@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -141,6 +142,8 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
     - ``n_random_draws``, ``n_repeats``, ``matrix_size``: ``None`` or an integer ≥ 1;
       ``esm_images``: an integer ≥ 1; ``run_*``: true or false;
     - ``lines_b_grid``: non-empty list of finite numbers.
+    - ``executor`` ∈ {local, ray} and ``ray_address`` (``host:port`` of a Ray head, needed
+      with ``ray`` and checked to answer; :mod:`subboost.executor`).
 
     ``None`` is accepted for the prefixed list names (e.g. ``sweep_task_counts``), meaning
     "the profile's default"; never for ``task_counts``, ``betas``, ``alpha_grid``, ``gammas``.
@@ -227,6 +230,10 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
             out[name] = value
         else:
             out[name] = value
+    if "executor" in params or params.get("ray_address") is not None:
+        from subboost.executor import validate_executor
+
+        out["executor"], out["ray_address"] = validate_executor(params.get("executor", "local"), params.get("ray_address"))
     return out
 
 
@@ -455,9 +462,12 @@ def execute_chapter(
     overrides: Mapping[str, Any] | None = None,
     timeout: int | None = None,
     cwd: Path = REPO_ROOT,
+    progress: bool = False,
 ) -> tuple[ChapterRun, str]:
     """Execute one chapter with papermill. Returns the run record and, on failure, the text of
-    its report (empty on success). Never raises for a cell error."""
+    its report (empty on success). Never raises for a cell error. With ``progress``, the
+    terminal (stderr) shows the cell being run and the kernel's progress bars
+    (:func:`live_progress`)."""
     import nbformat
     import papermill as pm
 
@@ -479,13 +489,14 @@ def execute_chapter(
     final = executed_dir / f"{chapter.name}.ipynb"
     failed = executed_dir / f"{chapter.name}.failed.ipynb"
     running = executed_dir / f"{chapter.name}.running.ipynb"
-    for stale in (final, failed):
+    for stale in (final, failed, executed_dir / chapter.name / "claims.json"):  # the chapter's verdicts, rewritten
         stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(src_nb), str(running), parameters=params, kernel_name="python3",
-                            cwd=str(cwd), progress_bar=False, execution_timeout=timeout,
-                            request_save_on_cell_execute=False)
+        with live_progress(chapter.name, executed_dir, progress) as progress_bar:
+            pm.execute_notebook(str(src_nb), str(running), parameters=params, kernel_name="python3",
+                                cwd=str(cwd), progress_bar=progress_bar, execution_timeout=timeout,
+                                request_save_on_cell_execute=False)
     except Exception as err:  # noqa: BLE001 -- every failure becomes a report
         wall = time.perf_counter() - t0
         if running.exists():
@@ -546,11 +557,22 @@ def execute_book(
     timeout: int | None = None,
     keep_going: bool = False,
     log: Log = _quiet,
+    progress: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> list[ChapterRun]:
     """Execute the selected chapters in order; write ``execution_report.txt`` and
     ``manifest.json`` into ``executed_dir``. Parameters are validated before any kernel starts
     (:class:`ParameterError`). Raises :class:`BookError` after the first failed chapter (after
-    all of them with ``keep_going``); the report names chapter, cell and traceback."""
+    all of them with ``keep_going``); the report names chapter, cell and traceback.
+
+    ``executor="ray"`` with ``ray_address``: the chapters run at the same time as Ray tasks on
+    that cluster (:func:`execute_chapters_ray`; every chapter runs, as with ``keep_going``),
+    and chapters that declare ``executor`` / ``ray_address`` get them, so their sweeps are
+    spread over the cluster too. The executed notebooks come back to ``executed_dir``."""
+    from subboost.executor import validate_executor
+
+    executor, ray_address = validate_executor(executor, ray_address)  # an unreachable address stops here
     overrides = dict(overrides or {})
     reserved = [k for k in overrides if k in REQUIRED_PARAMETERS]
     if reserved:
@@ -568,10 +590,19 @@ def execute_book(
     report_path = executed_dir / REPORT_NAME
     runs: list[ChapterRun] = []
     failures: list[str] = []
-    for ch in selected:
+    if executor == "ray":
+        cluster_overrides = {"executor": "ray", "ray_address": ray_address, **overrides}
+        for run, report in execute_chapters_ray(selected, address=ray_address, profile=profile, device=device,
+                                                seed=seed, executed_dir=executed_dir, overrides=cluster_overrides,
+                                                timeout=timeout, log=log):
+            runs.append(run)
+            if run.status != "ok":
+                failures.append(report)
+    for ch in selected if executor == "local" else ():
         log(f"[book] executing {ch.name} (profile {profile}, device {device}) ...")
         run, report = execute_chapter(ch, profile=profile, device=device, seed=seed, executed_dir=executed_dir,
-                                      overrides=overrides, timeout=timeout, cwd=notebooks_dir.parent)
+                                      overrides=overrides, timeout=timeout, cwd=notebooks_dir.parent,
+                                      progress=progress)
         runs.append(run)
         log(f"[book]   {ch.name}: {run.status} in {run.wall_time_s:.1f} s -> {run.notebook}")
         if run.status != "ok":
@@ -595,6 +626,78 @@ def execute_book(
                         + "; ".join(f"{r.chapter}: {r.error}" for r in bad)
                         + f". Report: {report_path}")
     return runs
+
+
+def _run_chapter_remotely(name: str, source_text: str, profile: str, device: str, seed: int,
+                          overrides: Mapping[str, Any], timeout: int | None) -> tuple[ChapterRun, str, dict[str, bytes]]:
+    """What a Ray worker runs for one chapter: execute it from its source text in a private
+    folder and return the run, the failure report and the files it produced (notebook and
+    output folder) as bytes, so the driver needs no shared filesystem for them."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=f"book-{name}-") as tmp:
+        src = Path(tmp) / "notebooks" / f"{name}.md"
+        src.parent.mkdir()
+        src.write_text(source_text, encoding="utf-8")
+        out = Path(tmp) / "executed"
+        run, report = execute_chapter(Chapter(name, src), profile=profile, device=device, seed=seed, executed_dir=out,
+                                      overrides=overrides, timeout=timeout, cwd=REPO_ROOT)
+        files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+                 if p.is_file() and not p.relative_to(out).parts[0].startswith(".")}
+        return run, report.replace(str(out), "{executed_dir}").replace(str(src), "{source}"), files
+
+
+def execute_chapters_ray(chapters: Sequence[Chapter], *, address: str, profile: str, device: str, seed: int,
+                         executed_dir: Path, overrides: Mapping[str, Any], timeout: int | None = None,
+                         log: Log = _quiet) -> list[tuple[ChapterRun, str]]:
+    """Execute ``chapters`` at the same time as Ray tasks on the cluster at ``address``; return
+    (run, failure report) per chapter in the chapters' order, with the executed notebooks
+    and output folders written into ``executed_dir`` (the same files as a local run).
+
+    Each chapter asks for one CPU, and one GPU when ``device`` is ``cuda``; a chapter that
+    spreads its own sweeps over the cluster (it declares ``executor``) asks for no CPU, so
+    that its units can use them. Workers need the package and the zoo or checkpoints at the
+    same paths; the chapters' sources travel with the tasks."""
+    import ray
+
+    from subboost.executor import RayExecutor
+
+    with RayExecutor(address, check=False) as runner:
+        refs = []
+        for ch in chapters:
+            declared = declared_parameters(load_chapter(ch), ch.name)
+            own = {k: v for k, v in overrides.items() if k in declared}
+            cpus = 0 if own.get("executor") == "ray" else 1
+            task = ray.remote(_run_chapter_remotely).options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0,
+                                                             max_retries=runner.max_retries)
+            log(f"[book] submitting {ch.name} to the Ray cluster at {address} ...")
+            refs.append(task.remote(ch.name, ch.source.read_text(encoding="utf-8"), profile, device, seed, own, timeout))
+        results = []
+        for ch, ref in zip(chapters, refs):
+            try:
+                run, report, files = ray.get(ref)
+            except ray.exceptions.RayError as err:
+                first = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                run = ChapterRun(ch.name, "failed", float("nan"), executed_dir / f"{ch.name}.failed.ipynb", dict(overrides), first)
+                results.append((run, f"Chapter {ch.name} FAILED on the Ray cluster at {address}\n{first}\n"))
+                log(f"[book]   {ch.name}: failed on the cluster ({first})")
+                continue
+            for stale in (executed_dir / f"{ch.name}.ipynb", executed_dir / f"{ch.name}.failed.ipynb"):
+                stale.unlink(missing_ok=True)
+            if (executed_dir / ch.name).is_dir():
+                shutil.rmtree(executed_dir / ch.name)
+            for rel, data in files.items():
+                dst = executed_dir / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                part = dst.with_name(dst.name + ".part")
+                part.write_bytes(data)
+                os.replace(part, dst)
+            run.notebook = executed_dir / Path(run.notebook).name
+            run.parameters["output_dir"] = str(executed_dir / ch.name)
+            report = report.replace("{executed_dir}", str(executed_dir)).replace("{source}", str(ch.source))
+            log(f"[book]   {ch.name}: {run.status} in {run.wall_time_s:.1f} s (on the cluster) -> {run.notebook}")
+            results.append((run, report))
+    return results
 
 
 def _write_manifest(executed_dir: Path, runs: Sequence[ChapterRun], profile: str, device: str, seed: int) -> None:
@@ -658,6 +761,7 @@ def stage_site(
     if (root / "book").is_dir():
         shutil.copytree(root / "book", stage_dir / "book",
                         ignore=shutil.ignore_patterns("_build", "_executed", "__pycache__", ".ipynb_checkpoints"))
+    stage_benchmark_fragments(root, stage_dir)
     missing = []
     for entry in _toc_files(root / "_toc.yml"):
         if not entry.startswith("notebooks/"):
@@ -670,6 +774,7 @@ def stage_site(
         dst = stage_dir / "notebooks" / f"{name}.ipynb"
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
+        collapse_parameter_cells(dst)
         # figures or data a chapter links to (e.g. with {download}) travel with it
         if (executed_dir / name).is_dir():
             shutil.copytree(executed_dir / name, stage_dir / "notebooks" / name)
@@ -678,7 +783,43 @@ def stage_site(
         hint = f" ({', '.join(failed)} failed: see {executed_dir / REPORT_NAME})" if failed else ""
         raise BookError(f"no executed notebook in {executed_dir} for: {', '.join(missing)}{hint}; run "
                         f"`python -m subboost.book execute --profile ci` first")
+    write_generated_pages(stage_dir, executed_dir)
     return stage_dir
+
+
+def collapse_parameter_cells(path: Path) -> None:
+    """Tag the parameters cell and papermill's injected-parameters cell of a staged notebook
+    ``hide-input``, so the page opens with the chapter's claim, not with its settings."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if cell.cell_type == "code" and {"parameters", "injected-parameters"} & set(tags) and "hide-input" not in tags:
+            cell.metadata["tags"] = [*tags, "hide-input"]
+    nbformat.write(nb, path)
+
+
+#: Benchmark outputs that book pages include: (results folder, file stem, the command that makes them).
+BENCHMARK_FRAGMENTS = (("benchmarks/results", "ray_scaling", "python benchmarks/ray_scaling.py"),)
+
+
+def stage_benchmark_fragments(root: Path, stage_dir: Path) -> None:
+    """Put ``book/_generated/<stem>.md`` (and its figure) in the staged sources for every
+    entry of :data:`BENCHMARK_FRAGMENTS`: the fragment the benchmark script wrote, when it
+    has been run in this checkout, else one sentence naming the command, so that a page
+    including it builds either way."""
+    out = Path(stage_dir) / "book" / "_generated"
+    out.mkdir(parents=True, exist_ok=True)
+    for folder, stem, command in BENCHMARK_FRAGMENTS:
+        src = Path(root) / folder
+        if (src / f"{stem}.md").is_file() and (src / f"{stem}.png").is_file():
+            shutil.copy2(src / f"{stem}.md", out / f"{stem}.md")
+            shutil.copy2(src / f"{stem}.png", out / f"{stem}.png")
+        else:
+            (out / f"{stem}.md").write_text(
+                f"*Not measured in this build:* `{command}` writes the table and the figure into "
+                f"`{folder}/`, and the next `python -m subboost.book build` shows them here.\n", encoding="utf-8")
 
 
 def build_site(
@@ -719,6 +860,213 @@ def first_chapter_page(site_dir: Path = SITE_DIR) -> Path:
     return Path(site_dir) / (m.group(1) if m else "index.html")
 
 
+# =============================================================================== live progress
+
+#: Environment variable naming the side channel a chapter's kernel writes its progress to.
+PROGRESS_ENV = "SUBBOOST_PROGRESS_FILE"
+
+
+def route_progress() -> bool:
+    """Call in a chapter's kernel (its set-up cell): when the runner watches the run, send the
+    kernel's stderr (progress bars of the zoo build and of long loops, warnings) to the
+    runner's side channel instead of the notebook, so the terminal shows them live and the
+    executed notebook stays free of progress noise. Returns whether it did (False outside the
+    runner: then nothing changes)."""
+    path = os.environ.get(PROGRESS_ENV)
+    if not path:
+        return False
+    sys.stderr = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 -- lives as long as the kernel
+    return True
+
+
+class _Terminal:
+    """The runner's stderr, shared by papermill's cell bar (``\r`` updates, no newline) and
+    the side-channel lines: a line starts on a fresh row even while the bar's row is open."""
+
+    def __init__(self, stream: Any) -> None:
+        import threading
+
+        self.stream, self._open, self._lock = stream, False, threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self.stream.write(text)
+            if text:
+                self._open = not text.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def line(self, text: str) -> None:
+        with self._lock:
+            self.stream.write(("\n" if self._open else "") + text + "\n")
+            self._open = False
+            self.stream.flush()
+
+
+class _Tail:
+    """Print what a chapter's kernel writes to its side channel, prefixed with the chapter and
+    the elapsed time: every finished line, and the newest state of a progress bar (``\r``
+    updates) at most every ``interval`` seconds."""
+
+    def __init__(self, path: Path, chapter: str, stream: _Terminal, interval: float = 5.0) -> None:
+        import threading
+
+        self.path, self.chapter, self.stream, self.interval = path, chapter, stream, interval
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._pending = ""
+        self._shown = ""
+        self._last = 0.0
+
+    def __enter__(self) -> "_Tail":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _say(self, text: str) -> None:
+        text = _strip_ansi(text).strip()
+        if text and text != self._shown:
+            m, s = divmod(int(time.perf_counter() - self.t0), 60)
+            self.stream.line(f"[{self.chapter} {m:02d}:{s:02d}] {text}")
+            self._shown, self._last = text, time.perf_counter()
+
+    def _run(self) -> None:
+        pos = 0
+        while True:
+            stopping = self._stop.wait(0.5)
+            try:
+                with open(self.path, encoding="utf-8", errors="replace") as fh:
+                    fh.seek(pos)
+                    chunk = fh.read()
+                    pos = fh.tell()
+            except OSError:
+                chunk = ""
+            self._pending += chunk
+            *done, self._pending = re.split(r"\n", self._pending)
+            for line in done:
+                self._say(line.split("\r")[-1] if "\r" in line else line)
+            latest = self._pending.split("\r")
+            if len(latest) > 1 and (stopping or time.perf_counter() - self._last >= self.interval):
+                self._say(latest[-2] if not latest[-1].strip() else latest[-1])
+            if stopping:
+                return
+
+
+@contextmanager
+def live_progress(chapter: str, executed_dir: Path, enabled: bool, stream: Any = None):
+    """While a chapter runs: papermill's cell bar (chapter, cell k of n, elapsed) on ``stream``
+    (stderr), and the kernel's side channel (``<executed_dir>/.progress/<chapter>.log``, see
+    :func:`route_progress`) tailed onto it. Yields papermill's ``progress_bar`` argument."""
+    if not enabled:
+        yield False
+        return
+    stream = _Terminal(stream or sys.stderr)
+    side = Path(executed_dir) / ".progress" / f"{chapter}.log"
+    side.parent.mkdir(parents=True, exist_ok=True)
+    side.write_text("", encoding="utf-8")
+    before = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = str(side)
+    try:
+        with _Tail(side, chapter, stream):
+            yield {"desc": chapter, "file": stream, "mininterval": 2.0, "ascii": True, "dynamic_ncols": False}
+    finally:
+        if before is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = before
+
+
+# =============================================================================== generated pages
+
+FINDINGS_PAGE = "book/findings.md"
+EXECUTION_PAGE = "book/execution.md"
+
+
+def _manifest(executed_dir: Path) -> dict[str, Any]:
+    path = Path(executed_dir) / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def timing_rows(executed_dir: Path = EXECUTED_DIR) -> list[dict[str, Any]]:
+    """One row per chapter of the manifest: chapter, status, wall time, profile, device,
+    commit, finished (the last execution of each chapter)."""
+    rows = []
+    for name, m in sorted(_manifest(executed_dir).items()):
+        rows.append(dict(chapter=name, status=m.get("status", ""), wall_time_s=float(m.get("wall_time_s", 0.0)),
+                         profile=m.get("profile", ""), device=m.get("device", ""),
+                         commit=str(m.get("commit", "")) + ("+" if m.get("dirty") else ""),
+                         finished=m.get("finished_utc", "")))
+    return rows
+
+
+def timing_text(executed_dir: Path = EXECUTED_DIR) -> str:
+    """The per-chapter timing table for the terminal."""
+    rows = timing_rows(executed_dir)
+    lines = [f"  {'chapter':<28} {'status':<7} {'wall time':>10}  profile  device  finished"]
+    lines += [f"  {r['chapter']:<28} {r['status']:<7} {r['wall_time_s']:9.1f}s  {r['profile']:<7}  {r['device']:<6}  "
+              f"{r['finished']}" for r in rows]
+    lines.append(f"  {'total':<28} {'':<7} {sum(r['wall_time_s'] for r in rows):9.1f}s")
+    return "\n".join(lines)
+
+
+def findings_text(executed_dir: Path = EXECUTED_DIR) -> str:
+    """The findings table (:mod:`subboost.claims`) for the terminal."""
+    from subboost import claims
+
+    return claims.findings_text(claims.findings_rows(executed_dir))
+
+
+def write_generated_pages(stage_dir: Path, executed_dir: Path) -> list[Path]:
+    """Write the pages built from the executed chapters' records into the staged sources:
+    "Findings at a glance" (every claim's verdict, :mod:`subboost.claims`) and "Execution
+    status" (per-chapter timings from the manifest). Only pages listed in the toc are written."""
+    from subboost import claims
+
+    stage_dir, executed_dir = Path(stage_dir), Path(executed_dir)
+    toc = set(_toc_files(stage_dir / "_toc.yml"))
+    written = []
+    if Path(FINDINGS_PAGE).with_suffix("").as_posix() in toc:
+        rows = claims.findings_rows(executed_dir)
+        counts = {v: sum(r["verdict"] == v for r in rows) for v in (*claims.VERDICTS, claims.NOT_RUN)}
+        summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+        text = ("# Findings at a glance\n\n"
+                "Every claim of the paper that this book tests, with the paper's number, ours, and the verdict "
+                "that a rule of `subboost.claims` computed from the executed chapter's measurements (never typed). "
+                "The evidence column links to the section of the chapter that shows it; the last column names the "
+                "run that produced it. Our suite is far smaller than the paper's models: a verdict is about the "
+                "direction and size of an effect on this suite, not about equal numbers. "
+                f"This build: {summary}.\n\n"
+                + claims.findings_markdown(rows, linked=lambda ch: (stage_dir / "notebooks" / f"{ch}.ipynb").is_file()))
+        path = stage_dir / FINDINGS_PAGE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    if Path(EXECUTION_PAGE).with_suffix("").as_posix() in toc:
+        rows = timing_rows(executed_dir)
+        lines = ["# Execution status", "",
+                 "How long each chapter took in the run that produced this book (from the runner's manifest), "
+                 "as `python -m subboost.book execute` recorded it.", "",
+                 "| Chapter | Status | Wall time [s] | Profile | Device | Commit | Finished (UTC) |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['chapter']} | {r['status']} | {r['wall_time_s']:.1f} | {r['profile']} | {r['device']} | "
+                  f"{r['commit']} | {r['finished']} |" for r in rows]
+        lines += ["", f"Total: {sum(r['wall_time_s'] for r in rows):.1f} s."]
+        path = stage_dir / EXECUTION_PAGE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        written.append(path)
+    return written
+
+
 # =============================================================================== CLI
 
 
@@ -737,6 +1085,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="extra papermill parameter, value parsed as YAML (repeatable)")
         sp.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds (default: none)")
         sp.add_argument("--keep-going", action="store_true", help="execute the other chapters after a failure")
+        sp.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: one chapter after the other here (default); ray: chapters as Ray tasks")
+        sp.add_argument("--address", dest="ray_address", default=None, metavar="HOST:PORT",
+                        help="the Ray head to use with --executor ray (ray start --head prints it)")
         sp.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help=argparse.SUPPRESS)
 
     def add_build(sp: argparse.ArgumentParser) -> None:
@@ -769,18 +1121,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             execute_book(profile=args.profile, device=args.device, seed=args.seed, chapters=args.chapters,
                          overrides=overrides, notebooks_dir=args.notebooks_dir, executed_dir=args.executed_dir,
-                         timeout=args.timeout, keep_going=args.keep_going, log=log)
+                         timeout=args.timeout, keep_going=args.keep_going, log=log, progress=True,
+                         executor=args.executor, ray_address=args.ray_address)
             log(f"[book] executed in {time.perf_counter() - t0:.1f} s; report: {args.executed_dir / REPORT_NAME}")
+            log("[book] execution times:\n" + timing_text(args.executed_dir))
         if args.command in ("build", "all"):
             t0 = time.perf_counter()
             site = build_site(executed_dir=args.executed_dir, stage_dir=args.stage_dir, site_dir=args.site_dir, log=log)
             log(f"[book] site built in {time.perf_counter() - t0:.1f} s: {first_chapter_page(site)}")
+            log("[book] findings at a glance:\n" + findings_text(args.executed_dir))
     except (ParameterError, BookInputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except BookError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

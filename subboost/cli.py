@@ -160,8 +160,13 @@ def _method_args(p: argparse.ArgumentParser, default_boost: float | None) -> Non
                    help=helptext + ("; omit for no boosting" if default_boost is None else f" (default {default_boost})"))
     g.add_argument("--boost-layers", nargs="+", choices=["attn", "mlp"], default=["attn", "mlp"], help="layer types to boost (default both)")
     g.add_argument("--boost-proj", action="store_true", help="also boost the visual projection")
-    g.add_argument("--boost-route", default="auto", choices=["auto", "svd", "svd-tall", "gram"],
+    g.add_argument("--boost-route", default="auto", choices=["auto", "svd", "svd-tall", "gram", "polar"],
                    help="how SB is computed (default auto: exact fast route; svd: paper Alg. 1 verbatim)")
+    g.add_argument("--attention", default="fused", choices=["fused", "qkv", "heads"],
+                   help="how SB treats the Q/K/V projections: fused in_proj as one matrix (default), "
+                        "Q, K, V separately, or each attention head separately (needs --num-heads or --model)")
+    g.add_argument("--num-heads", type=_positive_int, default=None, metavar="N",
+                   help="attention heads, for --attention heads (default: from the open_clip config of --model)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=_finite, default=1.0, help="merging coefficient α (default 1.0)")
     g.add_argument("--lines", type=_finite, default=None, metavar="B", help="LiNeS: scale block l by a + B·l/(L−1)")
     g.add_argument("--lines-a", type=_finite, default=None, metavar="A", help="LiNeS a (default: the multi-task default)")
+    g.add_argument("--lines-order", choices=["after_boost", "before_boost"], default="after_boost",
+                   help="LiNeS' default a from the boosted update (after_boost, default) or the un-boosted one")
     g.add_argument("--output", type=Path, default=Path("merged.safetensors"), metavar="OUT.safetensors",
                    help="output file (default merged.safetensors)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
@@ -290,7 +297,26 @@ def _method_and_params(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 
 def _boost_options(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(layer_types=list(args.boost_layers), include_proj=bool(args.boost_proj), route=args.boost_route)
+    options: dict[str, Any] = dict(layer_types=list(args.boost_layers), include_proj=bool(args.boost_proj),
+                                   route=args.boost_route)
+    if args.attention != "fused":
+        options["attention"] = args.attention
+    if args.attention == "heads":
+        heads = args.num_heads
+        if heads is None:
+            if not getattr(args, "model", None):
+                raise BadInput("--attention heads needs --num-heads (a state dict does not record the number of "
+                               "attention heads), or --model naming an open_clip config")
+            from subboost.boost import infer_num_heads
+
+            try:
+                heads = infer_num_heads(args.model)
+            except ValueError as err:
+                raise BadInput(f"--attention heads: {err} (use --num-heads)") from None
+        options["num_heads"] = heads
+    elif args.num_heads is not None:
+        raise BadInput("--num-heads needs --attention heads")
+    return options
 
 
 def _plot_format(path: Path | None) -> str | None:
@@ -372,7 +398,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         report = stream_merge(
             base, experts, output, method, names=names, params=params, alpha=args.alpha,
             boost_beta=args.boost, boost_options=_boost_options(args) if args.boost is not None else None,
-            lines_b=args.lines, lines_a=args.lines_a, metadata=meta, device=device,
+            lines_b=args.lines, lines_a=args.lines_a, lines_order=args.lines_order, metadata=meta, device=device,
             memory_budget=args.memory_budget << 20, progress=progress, overwrite=args.overwrite,
             label="--output",
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Protocol, Sequence
 
 import pandas as pd
 import torch
@@ -21,6 +21,9 @@ from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 from subboost.merging import METHODS, get_method, merge
 from subboost.spectral import rank_table, spectra_table
 from subboost.taskvector import StateDict
+
+if TYPE_CHECKING:
+    from subboost.executor import Executor, SuiteSpec
 
 
 class Suite(Protocol):
@@ -137,27 +140,95 @@ def evaluate_variant(suite: Suite, tasks: Sequence[str], variant: Variant,
                 alpha_at_edge=len(alphas) > 1 and alpha in (min(alphas), max(alphas)), lines_b=float("nan") if b is None else b, merge_seconds=seconds, per_task=test_df)
 
 
+@dataclass(frozen=True)
+class VariantUnit:
+    """One unit of a results table, as parameters only: merge the first ``len(tasks)`` tasks
+    of the suite of ``suite`` with ``variant``, choose α on validation, test once.
+    ``first`` are the tasks of ``first_normalized_accuracy``. A worker rebuilds everything
+    from these fields (:func:`run_variant_unit`); no tensor travels with a unit."""
+
+    suite: "SuiteSpec"
+    tasks: tuple[str, ...]
+    variant: Variant
+    alpha_grid: tuple[float, ...] | None
+    first: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"{self.variant.label} on {len(self.tasks)} tasks"
+
+
+def _table_row(row: dict, first: Sequence[str]) -> dict:
+    """A row of :func:`evaluate_variant` without its per-task frame, plus the normalised
+    accuracy on the ``first`` tasks."""
+    per_task = row.pop("per_task")
+    row["first_normalized_accuracy"] = 100 * float(per_task[per_task.task.isin(list(first))].normalized_accuracy.mean())
+    return row
+
+
+def run_variant_unit(unit: VariantUnit) -> dict:
+    """Evaluate one :class:`VariantUnit` in this process, loading the suite and the task
+    vectors through the per-process caches of :mod:`subboost.executor` (what a Ray worker runs)."""
+    from subboost.executor import cached_suite, cached_task_vectors
+
+    suite = cached_suite(unit.suite)
+    vectors = cached_task_vectors(unit.suite, unit.tasks)
+    row = evaluate_variant(suite, list(unit.tasks), unit.variant, vectors, unit.alpha_grid)
+    return _table_row(row, unit.first)
+
+
+def suite_spec(suite: Suite) -> "SuiteSpec":
+    """The parameters a worker reloads ``suite`` from (set by :func:`load_suite_from_parameters`);
+    ``ValueError`` for a suite built another way."""
+    spec = getattr(suite, "spec", None)
+    if spec is None:
+        raise ValueError(f"executor: the suite {suite!r} was not loaded with load_suite_from_parameters, "
+                         "so workers cannot rebuild it; use executor='local'")
+    from dataclasses import replace
+
+    return replace(spec, threads=torch.get_num_threads())
+
+
 def results_table(suite: Suite, task_counts: Iterable[int], variants: Sequence[Variant] = TABLE1_VARIANTS,
-                  alpha_grid: Sequence[float] | None = None, progress: bool = True) -> pd.DataFrame:
+                  alpha_grid: Sequence[float] | None = None, progress: bool = True,
+                  executor: "str | Executor | None" = None, ray_address: str | None = None) -> pd.DataFrame:
     """Long table (method, n_tasks, accuracy, normalized_accuracy, alpha, ...) for the variants,
     plus zero-shot and fine-tuned reference rows.
 
     ``first_normalized_accuracy`` is the normalised accuracy (percent) on the first
     min(task_counts) tasks only, the tasks every merge contains: it isolates interference
-    (what adding experts costs the tasks already merged) from the changing task mix."""
+    (what adding experts costs the tasks already merged) from the changing task mix.
+
+    ``executor``: ``None`` / ``"local"`` (this process, one set of task vectors in memory),
+    ``"ray"`` with ``ray_address`` (one Ray task per (N, variant), the suite rebuilt on the
+    workers from its parameters), or an executor of :mod:`subboost.executor`. Rows come
+    back in the same order and with the same values whatever the executor; only
+    ``merge_seconds`` is a timing."""
     subsets = task_subsets(suite, task_counts)
     first = subsets[min(subsets)]
-    rows = []
     jobs = [(n, v) for n in subsets for v in variants]
-    cache: dict[int, dict] = {}
-    for n, variant in tqdm(jobs, desc="merge + evaluate", disable=not progress):
-        if n not in cache:
-            cache.clear()  # keep one set of task vectors in memory
-            cache[n] = suite.task_vectors(subsets[n])
-        row = evaluate_variant(suite, subsets[n], variant, cache[n], alpha_grid)
-        per_task = row.pop("per_task")
-        row["first_normalized_accuracy"] = 100 * float(per_task[per_task.task.isin(first)].normalized_accuracy.mean())
-        rows.append(row)
+    bar = tqdm(total=len(jobs), desc="merge + evaluate", disable=not progress)
+    if getattr(executor, "name", executor) in (None, "local"):  # today's loop, in this process
+        rows = []
+        cache: dict[int, dict] = {}
+        for n, variant in jobs:
+            if n not in cache:
+                cache.clear()  # keep one set of task vectors in memory
+                cache[n] = suite.task_vectors(subsets[n])
+            rows.append(_table_row(evaluate_variant(suite, subsets[n], variant, cache[n], alpha_grid), first))
+            bar.update(1)
+    else:
+        from subboost.executor import make_executor
+
+        spec = suite_spec(suite)
+        grid = tuple(float(a) for a in alpha_grid) if alpha_grid is not None else None
+        units = [VariantUnit(spec, tuple(subsets[n]), v, grid, tuple(first)) for n, v in jobs]
+        runner = make_executor(executor, ray_address, device=str(getattr(suite, "device", "cpu")))
+        try:
+            rows = runner.map(run_variant_unit, units, progress=bar.update, describe=VariantUnit.describe)
+        finally:
+            if runner is not executor:
+                runner.close()
+    bar.close()
     ref = reference_rows(suite, task_counts)
     ref["first_normalized_accuracy"] = [100 * sum(getattr(suite, f"{m}_accuracy")(t) / suite.finetuned_accuracy(t)
                                                   for t in first) / len(first)
@@ -239,16 +310,22 @@ def configure_cpu_threads(params: Mapping) -> int:
 def load_suite_from_parameters(params: Mapping) -> Suite:
     """The suite a chapter runs on: real checkpoints when ``checkpoint_root`` is set (with
     ``model``, optional ``data_root`` and ``tasks``), otherwise the mini zoo of ``profile``
-    (built on first use under ``zoo_root``)."""
+    (built on first use under ``zoo_root``). The suite's ``spec`` holds these parameters
+    (:class:`subboost.executor.SuiteSpec`), so that workers of a cluster can load it too."""
+    from subboost.executor import SuiteSpec
+
     if params.get("checkpoint_root"):
         from subboost.release import load_suite
 
-        return load_suite(params["checkpoint_root"], model=params.get("model") or "ViT-B-32",
+        suite = load_suite(params["checkpoint_root"], model=params.get("model") or "ViT-B-32",
                           tasks=params.get("tasks"), data_root=params.get("data_root"),
                           allow_pickle=bool(params.get("allow_pickle", False)), device=params.get("device", "auto"))
-    from subboost.zoo import load_suite
+    else:
+        from subboost.zoo import load_suite
 
-    return load_suite(params.get("profile", "ci"), root=params.get("zoo_root"), device=params.get("device", "auto"))
+        suite = load_suite(params.get("profile", "ci"), root=params.get("zoo_root"), device=params.get("device", "auto"))
+    suite.spec = SuiteSpec.from_parameters(params)  # what a worker reloads it from (subboost.executor)
+    return suite
 
 
 def task_counts_for(suite: Suite, task_counts: Sequence[int], profile: str) -> list[int]:
@@ -313,9 +390,11 @@ def esm_activations(suite, tasks: Sequence[str], n_images: int = 64, max_samples
 
 
 def ablation_table(suite: Suite, task_counts: Iterable[int], variants: Sequence[Variant],
-                   alpha_grid: Sequence[float] | None = None, progress: bool = True) -> pd.DataFrame:
+                   alpha_grid: Sequence[float] | None = None, progress: bool = True,
+                   executor: "str | Executor | None" = None, ray_address: str | None = None) -> pd.DataFrame:
     """Like :func:`results_table` without the reference rows (for ablations)."""
-    long = results_table(suite, task_counts, variants, alpha_grid=alpha_grid, progress=progress)
+    long = results_table(suite, task_counts, variants, alpha_grid=alpha_grid, progress=progress,
+                         executor=executor, ray_address=ray_address)
     return long[~long.method.isin(["Zero-shot", "Fine-tuned"])].reset_index(drop=True)
 
 

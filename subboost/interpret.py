@@ -30,28 +30,17 @@ import pandas as pd
 import torch
 from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
+from subboost import claims, paper
 from subboost.experiments import LINES_B, Suite, Variant, merge_variant
 from subboost.hogsvd import AlignmentResult, hogsvd, random_selection, select_experts, selection_score
 from subboost.taskvector import StateDict, is_zero, parse_block_key
 
 # ----------------------------------------------------------------------------- the paper's numbers
 
-#: Paper Table 9, ViT-B/32, absolute accuracy [%] for 8 / 14 / 20 tasks (quoted, the paper's).
-TABLE9 = {
-    "TA+SB+LiNeS": (85.6, 80.8, 77.2),
-    "TIES+SB+LiNeS": (83.8, 79.1, 75.9),
-    "CSM+SB+LiNeS": (84.4, 80.3, 77.2),
-    "Higher-Order SB+LiNeS": (84.5, 79.8, 75.6),
-}
-#: Paper Table 9, ViT-B/16 (quoted, the paper's).
-TABLE9_VIT_B16 = {
-    "TA+SB+LiNeS": (88.8, 84.7, 80.0),
-    "TIES+SB+LiNeS": (87.4, 83.3, 79.7),
-    "CSM+SB+LiNeS": (87.6, 84.2, 80.0),
-    "Higher-Order SB+LiNeS": (88.5, 84.7, 79.1),
-}
-#: Paper Table 10, normalised accuracy [%] (the absolute column is ``subboost.paper.TABLE10``).
-TABLE10_NORMALIZED = {"Random": 72.5, "HO-GSVD": 75.2}
+#: Paper Tables 9 and 10 (quoted, the paper's; defined in :mod:`subboost.paper`).
+TABLE9 = paper.TABLE9_VIT_B32
+TABLE9_VIT_B16 = paper.TABLE9_VIT_B16
+TABLE10_NORMALIZED = paper.TABLE10_NORMALIZED
 TABLE9_TASK_COUNTS = (8, 14, 20)
 
 
@@ -301,9 +290,9 @@ def depth_trend(by_block: pd.DataFrame) -> dict:
     monotone_mean: ``per_block`` never falls with depth; rising_sublayers: sublayers whose last
     block exceeds their first; monotone_sublayers: sublayers non-decreasing in depth;
     spearman: Spearman ρ between block index and mean alignment over all matrices (sublayer
-    offsets included); spearman_blocks: the same over the per-block means; verdict: "shows"
-    (last > first, ``per_block`` monotone and at least half of the sublayers rising),
-    "partly" (last > first only) or "no".
+    offsets included); spearman_blocks: the same over the per-block means; verdict: the
+    :class:`subboost.claims.Verdict` of :func:`subboost.claims.alignment_depth` (the rule and
+    its thresholds live there).
     """
     per_sub = by_block.pivot_table(index="layer", columns="sublayer", values="mean_alignment")
     per_block = by_block.groupby("layer").mean_alignment.mean()
@@ -312,12 +301,7 @@ def depth_trend(by_block: pd.DataFrame) -> dict:
     monotone = [s for s in per_sub.columns if bool((per_sub[s].diff().dropna() >= 0).all())]
     monotone_mean = bool((per_block.diff().dropna() >= 0).all())
     first, last = float(per_block.iloc[0]), float(per_block.iloc[-1])
-    if last > first and monotone_mean and 2 * len(rising) >= per_sub.shape[1]:
-        verdict = "shows"
-    elif last > first:
-        verdict = "partly"
-    else:
-        verdict = "no"
+    verdict = claims.alignment_depth(list(per_block.values), len(rising), per_sub.shape[1])
     out = dict(per_block=per_block, per_sublayer=per_sub, first=first, last=last, monotone_mean=monotone_mean,
                rising_sublayers=rising, monotone_sublayers=monotone,
                spearman=_spearman(by_block.layer, by_block.mean_alignment),
@@ -505,9 +489,13 @@ class RandomComparison:
 
     @property
     def beyond_noise(self) -> bool:
-        """|difference| > 2 standard errors of the random mean (False when that cannot be told:
-        one draw, or draws without spread)."""
-        return bool(self.draws > 1 and self.stderr > 0 and abs(self.diff) > 2 * self.stderr)
+        """:func:`subboost.claims.beyond_noise`: |difference| > 2 standard errors of the random
+        mean (False when that cannot be told: one draw, or draws without spread)."""
+        return claims.beyond_noise(self.diff, self.random_std, self.draws)
+
+    def verdict(self):
+        """:func:`subboost.claims.selection_beats_random` on this comparison."""
+        return claims.selection_beats_random(self.ho, self.random_mean, self.random_std, self.draws)
 
     def sentence(self, what: str) -> str:
         word = "above" if self.diff > 0 else "below" if self.diff < 0 else "equal to"

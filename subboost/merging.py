@@ -9,7 +9,8 @@ serves the notebooks, the CLI and the tests::
 
 Subspace Boosting (:mod:`subboost.boost`) is applied on top of any method, after it: masks
 first, boost second (SB does not commute with element-wise masks). LiNeS is a per-layer
-rescaling that SB commutes with. Spectral methods (Iso-C, Iso-CTS, TSV-M, HO-SB) decompose
+rescaling that SB commutes with for a fixed a; its default a depends on whether it sees the
+boosted update (:func:`merge`, ``lines_order``). Spectral methods (Iso-C, Iso-CTS, TSV-M, HO-SB) decompose
 only the block matrices (:func:`subboost.taskvector.select_block_keys`) and average every
 other tensor.
 """
@@ -118,69 +119,151 @@ def _check_fraction(value: float, name: str) -> float:
     return value
 
 
-def ties_trim_thresholds(task_vectors: Sequence[Mapping[str, Tensor]], top_k: float = 0.2) -> list[float]:
-    """Per task, the magnitude of its ⌊top_k·P⌋-th largest entry over all P parameters."""
+TIES_TRIM_RULES = ("official", "top_k")
+"""How many entries TIES keeps per task of P entries, with ``top_k`` = K (see :func:`ties`):
+
+- ``"official"`` (default): min(P, ⌊P·K⌋ + 1). The official TIES code (and the TALL-masks /
+  LiNeS code that reuses it) takes k = P − ⌊P·K⌋ and keeps every entry with
+  |x| ≥ kthvalue(|x|, k), i.e. the ⌊P·K⌋ + 1 largest magnitudes (one more than the top-K
+  share; K = 1 keeps everything).
+- ``"top_k"``: max(1, ⌊P·K⌋), exactly the top-K share the TIES paper describes.
+
+Ties at the threshold are kept under both rules."""
+
+
+def _check_trim(trim: str) -> str:
+    if trim not in TIES_TRIM_RULES:
+        raise ValueError(f"ties trim must be one of {', '.join(TIES_TRIM_RULES)}; got '{trim}'")
+    return trim
+
+
+def ties_keep_count(total: int, top_k: float, trim: str = "official") -> int:
+    """Number of entries (before ties at the threshold) TIES keeps out of ``total``
+    (:data:`TIES_TRIM_RULES`)."""
     top_k = _check_fraction(top_k, "top_k")
+    share = int(total * top_k)
+    if _check_trim(trim) == "official":
+        return min(total, share + 1)
+    return max(1, share)
+
+
+def _threshold_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
+    """The precision magnitudes are ranked in: float64 if any tensor is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def ties_trim_thresholds(
+    task_vectors: Sequence[Mapping[str, Tensor]], top_k: float = 0.2, trim: str = "official"
+) -> list[float]:
+    """Per task, the magnitude of its m-th largest entry over all P parameters, with
+    m = :func:`ties_keep_count` (P, top_k, trim).
+
+    The ranking runs in the task vector's own precision (float64 inputs stay float64, others
+    float32): a float32 threshold compared with float64 magnitudes would drop or add entries
+    at the boundary. The returned Python floats hold the value exactly."""
+    top_k = _check_fraction(top_k, "top_k")
+    _check_trim(trim)
     thresholds = []
     for tv in task_vectors:
-        flat = torch.cat([v.detach().reshape(-1).abs().to(torch.float32) for v in tv.values()])
-        keep = max(1, int(flat.numel() * top_k))
+        dtype = _threshold_dtype(tv.values())
+        flat = torch.cat([v.detach().reshape(-1).abs().to(dtype) for v in tv.values()])
+        keep = ties_keep_count(flat.numel(), top_k, trim)
         thresholds.append(float(torch.kthvalue(flat, flat.numel() - keep + 1).values))
     return thresholds
 
 
+TIES_AGGREGATES = ("mean", "sum")
+
+
+def ties_disjoint(stack: Tensor, majority_sign: float, aggregate: str = "mean") -> Tensor:
+    """TIES steps 2-3 on trimmed values ``stack`` (tasks × ...): elect the sign per entry
+    (sign of the sum; exact ties take ``majority_sign``), then aggregate the values that
+    agree with it: their mean ("dis-mean") or sum ("dis-sum"); entries with none get 0."""
+    if aggregate not in TIES_AGGREGATES:
+        raise ValueError(f"ties aggregate must be one of {', '.join(TIES_AGGREGATES)}; got '{aggregate}'")
+    sign = torch.sign(stack.sum(0))
+    sign = torch.where(sign == 0, torch.full_like(sign, majority_sign), sign)
+    agree = (torch.sign(stack) == sign.unsqueeze(0)) & (stack != 0)
+    total = torch.where(agree, stack, torch.zeros_like(stack)).sum(0)
+    if aggregate == "sum":
+        return total
+    count = agree.sum(0)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+def majority_sign_of(elected_sum: float) -> float:
+    """The sign that exact ties take: + if the elected signs sum to a positive number, −
+    otherwise. The official code assigns sign(Σ elected signs), which is 0 when that sum is
+    0; its disjoint step then keeps the negative values (``tensor < 0`` where the sign is
+    not positive), i.e. it behaves as −1, which is what is returned here."""
+    return 1.0 if elected_sum > 0 else -1.0
+
+
 @register("ties", "TIES: trim to top-k% per task, elect signs, disjoint mean (Yadav et al. 2023)",
           tuple(round(0.2 * i, 1) for i in range(1, 11)))
-def ties(task_vectors: Sequence[Mapping[str, Tensor]], top_k: float = 0.2) -> StateDict:
-    """TIES-Merging.
+def ties(
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    top_k: float = 0.2,
+    trim: str = "official",
+    aggregate: str = "mean",
+) -> StateDict:
+    """TIES-Merging (Yadav et al. 2023), matching the official implementation.
 
-    1. Trim: per task keep the entries whose magnitude is among its top ``top_k`` fraction
-       over the whole task vector (ties at the threshold are kept).
+    1. Trim: per task keep the entries whose magnitude is at least its m-th largest over the
+       whole task vector. ``trim="official"`` (default) takes m = ⌊P·top_k⌋ + 1 as the official
+       code does (k = P − ⌊P·K⌋, then ``|x| ≥ kthvalue``: one entry more than the top-k
+       share); ``trim="top_k"`` takes m = ⌊P·top_k⌋, the share the paper describes
+       (:data:`TIES_TRIM_RULES`). The book uses the official rule so that its TIES numbers are
+       the ones the public code produces; on real models the two differ by one entry per task.
+       The ranking is done in the input's precision (float64 stays float64).
     2. Elect: per entry, sign of the sum of the trimmed values. An exact tie (sum 0) takes
        the majority sign, the sign of the sum of all elected signs over the whole vector
-       (+1 if that is 0 too), as in the reference implementation.
-    3. Disjoint mean: average the trimmed values that agree with the elected sign; entries
-       with none get 0.
+       (− when that sum is 0, which is how the official code behaves:
+       :func:`majority_sign_of`).
+    3. Disjoint aggregation of the trimmed values that agree with the elected sign:
+       ``aggregate="mean"`` (TIES' "dis-mean", the default), or ``"sum"`` ("dis-sum", which
+       the official Consensus / TALL-masks code uses as its TIES base). Entries with none get 0.
     """
     vectors = _as_list(task_vectors)
-    thresholds = ties_trim_thresholds(vectors, top_k)
+    thresholds = ties_trim_thresholds(vectors, top_k, trim)
     trimmed: dict[str, Tensor] = {}
-    elected: dict[str, Tensor] = {}
     majority = 0.0
     for key in vectors[0]:
         stack = torch.stack([tv[key].to(_work_dtype(tv[key])) for tv in vectors])
         thr = torch.tensor(thresholds, dtype=stack.dtype).view(-1, *([1] * (stack.ndim - 1)))
         stack = torch.where(stack.abs() >= thr, stack, torch.zeros_like(stack))
         trimmed[key] = stack
-        elected[key] = torch.sign(stack.sum(0))
-        majority += float(elected[key].sum())
-    majority_sign = 1.0 if majority >= 0 else -1.0
-    out: StateDict = {}
-    for key, stack in trimmed.items():
-        sign = elected[key]
-        sign = torch.where(sign == 0, torch.full_like(sign, majority_sign), sign)
-        agree = (torch.sign(stack) == sign.unsqueeze(0)) & (stack != 0)
-        count = agree.sum(0)
-        total = torch.where(agree, stack, torch.zeros_like(stack)).sum(0)
-        mean = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
-        out[key] = mean.to(vectors[0][key].dtype)
-    return out
+        majority += float(torch.sign(stack.sum(0)).sum())
+    majority_sign = majority_sign_of(majority)
+    return {key: ties_disjoint(stack, majority_sign, aggregate).to(vectors[0][key].dtype)
+            for key, stack in trimmed.items()}
 
 
 def tall_masks(
-    task_vectors: Sequence[Mapping[str, Tensor]], lambdas: float | Sequence[float] = 0.4
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    lambdas: float | Sequence[float] = 0.4,
+    reference: Mapping[str, Tensor] | None = None,
 ) -> list[dict[str, Tensor]]:
-    """TALL masks (Wang et al. 2024): mask_t = |Δt| ≥ λt·|ΔMTL − Δt|, with ΔMTL = Σ Δt."""
+    """TALL masks (Wang et al. 2024): mask_t = |Δt| > λt·|Δ_MTL − Δt|.
+
+    Δ_MTL is ``reference``, the multi-task vector the masks are built against (default: the
+    Task Arithmetic sum Σ Δt; Consensus over TIES passes its TIES vector, as the official code
+    does). The comparison is strict (``>``), as in the official code."""
     vectors = _as_list(task_vectors)
     lams = [float(lambdas)] * len(vectors) if isinstance(lambdas, (int, float)) else [float(x) for x in lambdas]
     if len(lams) != len(vectors):
         raise ValueError(f"lambdas: got {len(lams)} values for {len(vectors)} task vectors")
     masks: list[dict[str, Tensor]] = [{} for _ in vectors]
     for key in vectors[0]:
-        mtl = _sum(vectors, key)
+        if reference is None:
+            mtl = _sum(vectors, key)
+        else:
+            if key not in reference:
+                raise ValueError(f"tall_masks: the reference has no key '{key}'")
+            mtl = reference[key].to(_work_dtype(reference[key]))
         for t, tv in enumerate(vectors):
             d = tv[key].to(mtl.dtype)
-            masks[t][key] = d.abs() >= lams[t] * (mtl - d).abs()
+            masks[t][key] = d.abs() > lams[t] * (mtl - d).abs()
     return masks
 
 
@@ -191,17 +274,36 @@ def consensus(
     lambdas: float | Sequence[float] = 0.4,
     base: str = "ta",
     top_k: float = 0.2,
+    ties_aggregate: str = "sum",
+    trim: str = "official",
 ) -> StateDict:
-    """Consensus merging: the ``base`` merge ("ta" or "ties") restricted to the entries that
-    at least ``k`` TALL masks select (k = 2 in the paper). ``lambdas`` are the per-task TALL
-    thresholds (the papers tune them per task on validation data from {0.2, ..., 0.6})."""
+    """Consensus merging (Wang et al. 2024), matching the official TALL-masks code.
+
+    The ``base`` multi-task vector Δ_MTL is built first: ``"ta"``, the sum Σ Δt, or
+    ``"ties"``, TIES with ``top_k`` (the official code fixes 20%) and the disjoint *sum* of
+    the agreeing values (``ties_aggregate="sum"``, the official code's "dis-sum";
+    ``"mean"`` gives TIES' own dis-mean instead). The TALL masks are built against that
+    same vector, mask_t = |Δt| > λt·|Δ_MTL − Δt| (strict, :func:`tall_masks`), and the result
+    is Δ_MTL restricted to the entries that at least ``k`` masks select (k = 2 in the
+    paper). ``lambdas`` are the per-task TALL thresholds (the papers tune them per task on
+    validation data from {0.2, ..., 0.6}). ``trim``: TIES' keep rule (:data:`TIES_TRIM_RULES`).
+    """
     vectors = _as_list(task_vectors)
     if base not in ("ta", "ties"):
         raise ValueError(f"consensus base must be 'ta' or 'ties', got '{base}'")
     if int(k) < 1:
         raise ValueError(f"consensus k must be ≥ 1, got {k}")
-    masks = tall_masks(vectors, lambdas)
-    merged = task_arithmetic(vectors) if base == "ta" else ties(vectors, top_k=top_k)
+    if base == "ta":
+        merged = task_arithmetic(vectors)
+        masks = tall_masks(vectors, lambdas)
+    else:
+        merged = ties(vectors, top_k=top_k, trim=trim, aggregate=ties_aggregate)
+        masks = tall_masks(vectors, lambdas, reference=merged)
+    return consensus_apply(merged, masks, k)
+
+
+def consensus_apply(merged: Mapping[str, Tensor], masks: Sequence[Mapping[str, Tensor]], k: int = 2) -> StateDict:
+    """Keep the entries of ``merged`` that at least ``k`` of the ``masks`` select."""
     out: StateDict = {}
     for key, value in merged.items():
         count = torch.stack([m[key] for m in masks]).sum(0)
@@ -307,6 +409,24 @@ def iso_c(
     return _spectral_merge(_as_list(task_vectors), iso, layer_types, include_proj)
 
 
+def iso_cts_split(rank: int, n_tasks: int, common_fraction: float = 0.8) -> tuple[int, int]:
+    """Iso-CTS' split of the r = ``rank`` directions into (common size, directions per task).
+
+    As the official code (iso-merging, ``src/utils/iso.py``): k = ⌊common_fraction·r⌋, the
+    task-specific total is round((r − k)/N)·N with Python's ``round`` (half to even), and the
+    common size is re-set to r minus that total, so that common + N·per_task = r and every
+    direction is filled. Where the official formula would ask for more than r directions
+    (possible only for small r with a small ``common_fraction``, where that code fails), the
+    per-task size drops to ⌊r/N⌋ and the common part takes the rest."""
+    if rank < 1 or n_tasks < 1:
+        raise ValueError(f"iso_cts_split: need rank ≥ 1 and n_tasks ≥ 1, got {rank}, {n_tasks}")
+    k = int(rank * common_fraction)
+    per_task = round((rank - k) / n_tasks)
+    if per_task * n_tasks > rank:
+        per_task = rank // n_tasks
+    return rank - per_task * n_tasks, per_task
+
+
 @register("iso-cts", "Iso-CTS: common + task-specific subspaces, isotropic spectrum (Marczak et al. 2025)", _WIDE_ALPHA)
 def iso_cts(
     task_vectors: Sequence[Mapping[str, Tensor]],
@@ -314,25 +434,30 @@ def iso_cts(
     layer_types: Iterable[str] = LAYER_TYPES,
     include_proj: bool = False,
 ) -> StateDict:
-    """Iso-CTS, per block matrix of rank r = min(m, n):
+    """Iso-CTS (Marczak et al. 2025), per block matrix of rank r = min(m, n), as the official code:
 
-    1. common subspace: the top k = ⌊common_fraction·r⌋ singular directions of M = Σ Δi;
-    2. each task adds its top s = ⌊(r − k)/N⌋ directions of Δi − Uc Ucᵀ Δi (orthogonal
-       to the common left subspace);
-    3. the concatenated U and V are orthogonalised (Procrustes), and every singular value is
-       set to the mean of the concatenated spectrum.
-    Other tensors: mean of Δi.
+    1. split r into a common size c and s directions per task with c + N·s = r
+       (:func:`iso_cts_split`: k = ⌊0.8 r⌋, s = round((r − k)/N), c = r − N·s);
+    2. common subspace: the top c singular triplets of M = Σ Δi;
+    3. each task adds the top s singular triplets of its projection onto the complement of
+       the common *left* subspace, Δi − Uc Ucᵀ Δi (thin SVD of that m × n matrix);
+    4. the concatenated U and V (r columns each) are orthogonalised (Procrustes, X → P Qᵀ)
+       and every singular value is set to the mean of the r concatenated values.
+
+    Other tensors: mean of Δi. An earlier version kept c = ⌊0.8 r⌋ and s = ⌊(r − c)/N⌋,
+    which leaves up to N − 1 directions empty and adds none at all when N > r − ⌊0.8 r⌋;
+    no published description asks for that, so it was replaced by the official split (on N Gaussian 768 × 768
+    float64 task matrices the two differ by 20 % relative at N = 8 and 36 % at N = 20, and
+    agree at N = 14, where 154/14 is whole).
     """
     common_fraction = _check_fraction(common_fraction, "common_fraction")
 
     def cts(mats: list[Tensor]) -> Tensor:
         u, s, vh = torch.linalg.svd(sum(mats), full_matrices=False)
-        r = s.numel()
-        k = max(1, int(common_fraction * r))
-        per_task = (r - k) // len(mats)
-        us, ss, vs = [u[:, :k]], [s[:k]], [vh[:k].T]
+        c, per_task = iso_cts_split(s.numel(), len(mats), common_fraction)
+        uc = u[:, :c]
+        us, ss, vs = [uc], [s[:c]], [vh[:c].T]
         if per_task > 0:
-            uc = u[:, :k]
             for m in mats:
                 resid = m - uc @ (uc.T @ m)
                 ut, st, vht = torch.linalg.svd(resid, full_matrices=False)
@@ -406,6 +531,10 @@ def essential_subspace(
 # ---------------------------------------------------------------- one entry point
 
 
+LINES_ORDERS = ("after_boost", "before_boost")
+"""Where LiNeS goes relative to Subspace Boosting in :func:`merge` (see there)."""
+
+
 def merge(
     task_vectors: Sequence[Mapping[str, Tensor]] | Mapping[str, Mapping[str, Tensor]],
     method: str = "ta",
@@ -414,20 +543,36 @@ def merge(
     boost_options: Mapping | None = None,
     lines_b: float | None = None,
     lines_a: float | None = None,
+    lines_order: str = "after_boost",
     **params,
 ) -> StateDict:
     """Merge task vectors with a registered method, then optionally Subspace Boosting and LiNeS.
 
-    Order: method (masks included) → SB (``boost_beta`` not None; ``boost_options`` go to
-    :func:`subboost.boost.boost_task_vector`) → LiNeS (``lines_b`` not None). SB is positively
-    homogeneous, so applying LiNeS' per-layer scalars before or after it gives the same block
-    matrices. The merged model is then θ0 + α·Δm.
+    ``lines_order="after_boost"`` (default): method (masks included) → SB (``boost_beta`` not
+    None; ``boost_options`` go to :func:`subboost.boost.boost_task_vector`) → LiNeS
+    (``lines_b`` not None). This is how the book reads the paper's "TA + SB + LiNeS": the
+    paper calls LiNeS a post-processing applied on top of a merging method, SB belongs to the
+    merge, and the official LiNeS code computes its default a = (‖Σ Δt‖1/‖Δm‖1)/T
+    (:func:`lines_default_a`) from the multi-task vector it is handed, here the boosted one.
+
+    ``lines_order="before_boost"``: LiNeS on the un-boosted merge (so the default a uses the
+    un-boosted ‖Δm‖1), then SB.
+
+    With an explicit ``lines_a`` the two orders give the same matrices (to rounding): SB is
+    homogeneous, SB(cM) = c·SB(M), so a per-layer scalar passes through it. With the default
+    a they do not: boosting changes ‖Δm‖1 (it grows, so the after-boost a is smaller), the
+    whole depth profile a + b·l/(L−1) moves, and a global α cannot absorb the change of its
+    shape. The merged model is then θ0 + α·Δm.
     """
+    if lines_order not in LINES_ORDERS:
+        raise ValueError(f"lines_order must be one of {', '.join(LINES_ORDERS)}; got '{lines_order}'")
     fn = get_method(method).fn
     vectors = _as_list(task_vectors)
     delta = fn(vectors, **params)
+    if lines_b is not None and lines_order == "before_boost":
+        delta = lines_scale(delta, lines_b, a=lines_a, task_vectors=vectors)
     if boost_beta is not None:
         delta = boost_task_vector(delta, boost_beta, **dict(boost_options or {}))
-    if lines_b is not None:
+    if lines_b is not None and lines_order == "after_boost":
         delta = lines_scale(delta, lines_b, a=lines_a, task_vectors=vectors)
     return delta

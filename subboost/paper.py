@@ -56,6 +56,27 @@ TABLE2_T5 = {
 TABLE5 = {"Random": (72.9, 47.6), "HO-GSVD": (75.7, 47.6)}
 TABLE10 = {"Random": 67.5, "Random (std)": 2.3, "HO-GSVD": 69.7}
 
+# Table 9: Higher-Order SB against the SB variants, absolute accuracy, 8 / 14 / 20 tasks.
+TABLE9_VIT_B32 = {
+    "TA+SB+LiNeS": (85.6, 80.8, 77.2),
+    "TIES+SB+LiNeS": (83.8, 79.1, 75.9),
+    "CSM+SB+LiNeS": (84.4, 80.3, 77.2),
+    "Higher-Order SB+LiNeS": (84.5, 79.8, 75.6),
+}
+TABLE9_VIT_B16 = {
+    "TA+SB+LiNeS": (88.8, 84.7, 80.0),
+    "TIES+SB+LiNeS": (87.4, 83.3, 79.7),
+    "CSM+SB+LiNeS": (87.6, 84.2, 80.0),
+    "Higher-Order SB+LiNeS": (88.5, 84.7, 79.1),
+}
+# Table 10, normalised accuracy [%] (the absolute column is TABLE10).
+TABLE10_NORMALIZED = {"Random": 72.5, "HO-GSVD": 75.2}
+
+# Exponents the propositions predict (Supp. E): Prop. 1's decay of the task-specific part
+# (Eq. 15), Prop. 3's growth of the common / unique ratio (Eq. 26-28), and the N^gamma test's
+# collapse exponents of the head and the tail of the spectrum (Supp. E.4).
+PROP_EXPONENTS = {"prop1_unique": -0.5, "prop3_ratio": 0.5, "e4_head_gamma": 1.0, "e4_tail_gamma": 0.5}
+
 # Table 6: seconds to merge 20 tasks (ViT-B/32, B/16, L/14), on the authors' GPUs.
 TABLE6_SECONDS = {
     "TA": (0.2, 0.28, 1.0), "Consensus": (1.8, 2.4, 20.2), "TIES": (6.3, 4.3, 25.6),

@@ -247,9 +247,11 @@ def _progress(total: int, desc: str, enabled: bool, unit: str = "tensor") -> Any
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def _float_bits(x: Tensor) -> Tensor:
-    """int32 bit patterns of |x| in float32 (monotone in the magnitude)."""
-    return x.detach().abs().to(torch.float32).contiguous().view(torch.int32)
+def _magnitude_bits(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bit patterns of |x| in ``dtype`` (float32 → int32, float64 → int64), monotone in the
+    magnitude."""
+    itype = torch.int64 if dtype == torch.float64 else torch.int32
+    return x.detach().abs().to(dtype).contiguous().view(itype)
 
 
 def _select_from_top(hist: Tensor, rank: int) -> tuple[int, int]:
@@ -262,44 +264,60 @@ def _select_from_top(hist: Tensor, rank: int) -> tuple[int, int]:
     return b, rank - above
 
 
-def _ties_statistics(plan: _Plan, top_k: float, progress: bool) -> tuple[list[float], float]:
-    """Exact TIES statistics over the whole task vectors: per-task trim thresholds (the
-    ⌊top_k·P⌋-th largest magnitude, as ``torch.kthvalue`` in
-    :func:`subboost.merging.ties_trim_thresholds`) by a two-pass radix selection on float32
-    bit patterns, then the majority sign (sign of the sum of all elected signs)."""
+def _ties_precision(plan: _Plan) -> torch.dtype:
+    """The precision TIES ranks magnitudes in, as :func:`subboost.merging.ties_trim_thresholds`:
+    float64 if any task-vector tensor (promoted base/expert dtype) is float64, else float32."""
+    for key in plan.keys:
+        for reader in plan.experts:
+            if torch.promote_types(plan.base.info(key).dtype, reader.info(key).dtype) == torch.float64:
+                return torch.float64
+    return torch.float32
+
+
+def _ties_statistics(plan: _Plan, top_k: float, progress: bool, trim: str = "official") -> tuple[list[float], float]:
+    """Exact TIES statistics over the whole task vectors: per-task trim thresholds (the m-th
+    largest magnitude, m = :func:`subboost.merging.ties_keep_count`, as ``torch.kthvalue`` in
+    :func:`subboost.merging.ties_trim_thresholds`) by a radix selection on the bit patterns of
+    the magnitudes, 16 bits per pass (2 passes in float32, 4 in float64, the precision of
+    the inputs), then the majority sign (:func:`subboost.merging.majority_sign_of`)."""
+    from subboost.merging import TIES_TRIM_RULES, majority_sign_of, ties_keep_count
+
     top_k = float(top_k)
     if not 0.0 < top_k <= 1.0:
         raise InputError(f"ties: top_k is a fraction in (0, 1] (0.2 keeps 20%), got {top_k}")
+    if trim not in TIES_TRIM_RULES:
+        raise InputError(f"ties: trim must be one of {', '.join(TIES_TRIM_RULES)}; got '{trim}'")
     n = len(plan.experts)
     total = sum(plan.base.info(k).numel for k in plan.keys)
     if total == 0:
         raise InputError("ties: the task vectors are empty")
-    keep = max(1, int(total * top_k))
-    hi = torch.zeros(n, 1 << 15, dtype=torch.int64)
-    bar = _progress(len(plan.keys), "ties: thresholds 1/2", progress)
-    for key in plan.keys:
-        for rows in plan.row_blocks(key):
-            for t, d in enumerate(plan.deltas(key, rows)):
-                hi[t] += torch.bincount((_float_bits(d) >> 16).reshape(-1).cpu(), minlength=1 << 15)
-        bar.update(1)
-    bar.close()
-    picks = [_select_from_top(hi[t], keep) for t in range(n)]
-    lo = torch.zeros(n, 1 << 16, dtype=torch.int64)
-    bar = _progress(len(plan.keys), "ties: thresholds 2/2", progress)
-    for key in plan.keys:
-        for rows in plan.row_blocks(key):
-            for t, d in enumerate(plan.deltas(key, rows)):
-                bits = _float_bits(d).reshape(-1).cpu()
-                sel = bits[(bits >> 16) == picks[t][0]] & 0xFFFF
-                if sel.numel():
-                    lo[t] += torch.bincount(sel, minlength=1 << 16)
-        bar.update(1)
-    bar.close()
+    keep = ties_keep_count(total, top_k, trim)
+    dtype = _ties_precision(plan)
+    width = 64 if dtype == torch.float64 else 32
+    shifts = list(range(width - 16, -1, -16))
+    prefix = [0] * n
+    rank = [keep] * n
+    for p, shift in enumerate(shifts):
+        hist = torch.zeros(n, 1 << 16, dtype=torch.int64)
+        bar = _progress(len(plan.keys), f"ties: thresholds {p + 1}/{len(shifts)}", progress)
+        for key in plan.keys:
+            for rows in plan.row_blocks(key):
+                for t, d in enumerate(plan.deltas(key, rows)):
+                    bits = _magnitude_bits(d, dtype).reshape(-1).cpu()
+                    if p:
+                        bits = bits[(bits >> (shift + 16)) == prefix[t]]
+                    if bits.numel():
+                        hist[t] += torch.bincount(((bits >> shift) & 0xFFFF).to(torch.int64), minlength=1 << 16)
+            bar.update(1)
+        bar.close()
+        for t in range(n):
+            b, rank[t] = _select_from_top(hist[t], rank[t])
+            prefix[t] = (prefix[t] << 16) | b
+    itype = torch.int64 if dtype == torch.float64 else torch.int32
     thresholds = []
     for t in range(n):
-        low, _ = _select_from_top(lo[t], picks[t][1])
-        bits = torch.tensor([(picks[t][0] << 16) | low], dtype=torch.int32)
-        thresholds.append(float(bits.view(torch.float32)))
+        value = prefix[t] - (1 << width) if prefix[t] >= 1 << (width - 1) else prefix[t]
+        thresholds.append(float(torch.tensor([value], dtype=itype).view(dtype)))
     majority = 0.0
     bar = _progress(len(plan.keys), "ties: majority sign", progress)
     for key in plan.keys:
@@ -308,7 +326,7 @@ def _ties_statistics(plan: _Plan, top_k: float, progress: bool) -> tuple[list[fl
             majority += float(torch.sign(stack.sum(0)).sum())
         bar.update(1)
     bar.close()
-    return thresholds, (1.0 if majority >= 0 else -1.0)
+    return thresholds, majority_sign_of(majority)
 
 
 def _ties_trimmed(deltas: list[Tensor], thresholds: Sequence[float]) -> Tensor:
@@ -317,39 +335,40 @@ def _ties_trimmed(deltas: list[Tensor], thresholds: Sequence[float]) -> Tensor:
     return torch.where(stack.abs() >= thr, stack, torch.zeros_like(stack))
 
 
-def _ties_merge(deltas: list[Tensor], thresholds: Sequence[float], majority_sign: float) -> Tensor:
+def _ties_merge(deltas: list[Tensor], thresholds: Sequence[float], majority_sign: float, aggregate: str = "mean") -> Tensor:
     """TIES on one key given the global statistics; same steps as :func:`subboost.merging.ties`."""
-    stack = _ties_trimmed(deltas, thresholds)
-    sign = torch.sign(stack.sum(0))
-    sign = torch.where(sign == 0, torch.full_like(sign, majority_sign), sign)
-    agree = (torch.sign(stack) == sign.unsqueeze(0)) & (stack != 0)
-    count = agree.sum(0)
-    total = torch.where(agree, stack, torch.zeros_like(stack)).sum(0)
-    mean = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
-    return mean.to(deltas[0].dtype)
+    from subboost.merging import ties_disjoint
+
+    return ties_disjoint(_ties_trimmed(deltas, thresholds), majority_sign, aggregate).to(deltas[0].dtype)
 
 
 def _merge_fn(plan: _Plan, progress: bool) -> Callable[[str, list[Tensor]], Tensor]:
     """Per-key merge function ``(key, deltas) → merged delta`` (after any global pass)."""
+    from subboost.merging import TIES_AGGREGATES
+
     method, params = plan.method, dict(plan.params)
     fn = get_method(method).fn
+    for name in ("aggregate", "ties_aggregate"):
+        if params.get(name, "mean") not in TIES_AGGREGATES:
+            raise InputError(f"{method}: {name} must be one of {', '.join(TIES_AGGREGATES)}; got '{params[name]}'")
     if method == "ties":
-        thresholds, majority = _ties_statistics(plan, params.get("top_k", 0.2), progress)
-        return lambda key, ds: _ties_merge(ds, thresholds, majority)
+        thresholds, majority = _ties_statistics(plan, params.get("top_k", 0.2), progress, params.get("trim", "official"))
+        aggregate = params.get("aggregate", "mean")
+        return lambda key, ds: _ties_merge(ds, thresholds, majority, aggregate)
     if method == "consensus" and params.get("base", "ta") == "ties":
-        from subboost.merging import tall_masks
+        from subboost.merging import consensus_apply, tall_masks
 
         k = int(params.get("k", 2))
         if k < 1:
             raise InputError(f"consensus k must be ≥ 1, got {k}")
-        thresholds, majority = _ties_statistics(plan, params.get("top_k", 0.2), progress)
+        thresholds, majority = _ties_statistics(plan, params.get("top_k", 0.2), progress, params.get("trim", "official"))
         lambdas = params.get("lambdas", 0.4)
+        aggregate = params.get("ties_aggregate", "sum")
 
         def cons_ties(key: str, ds: list[Tensor]) -> Tensor:
-            value = _ties_merge(ds, thresholds, majority)
-            masks = tall_masks([{key: d} for d in ds], lambdas)
-            count = torch.stack([m[key] for m in masks]).sum(0)
-            return torch.where(count >= k, value, torch.zeros_like(value))
+            value = _ties_merge(ds, thresholds, majority, aggregate)
+            masks = tall_masks([{key: d} for d in ds], lambdas, reference={key: value})
+            return consensus_apply({key: value}, masks, k)[key]
 
         return cons_ties
     return lambda key, ds: fn([{key: d} for d in ds], **params)[key]
@@ -388,18 +407,11 @@ def merged_deltas(
     all_keys = check_compatible(base, experts, names)
     wanted = set(all_keys if keys is None else keys)
     plan = _Plan(base, experts, names, all_keys, method, params, torch.device(device), int(memory_budget))
-    options = dict(boost_options or {})
-
     def boosted(key: str, value: Tensor) -> Tensor:
         if not all_finite(value):
             raise InputError(f"the merged update of key '{key}' ({method}) is not finite: "
                              f"{value.dtype} overflow? (experts' differences too large for their dtype)")
-        if boost_beta is None:
-            return value
-        out, report = boost_task_vector_with_report({key: value}, boost_beta, **options)
-        if boost_rows is not None:
-            boost_rows.extend(report.to_dict("records"))
-        return out[key]
+        return _boost_key(key, value, boost_beta, boost_options, boost_rows)
 
     streamable = method in LOCAL_METHODS or method in GLOBAL_METHODS or method == "consensus"
     if not streamable:
@@ -421,6 +433,17 @@ def merged_deltas(
         yield key, boosted(key, value).cpu()
         bar.update(1)
     bar.close()
+
+
+def _boost_key(key: str, value: Tensor, beta: float | None, options: Mapping[str, Any] | None,
+               rows: list[dict] | None) -> Tensor:
+    """Subspace Boosting of one merged key (``beta`` None: unchanged), report rows into ``rows``."""
+    if beta is None:
+        return value
+    out, report = boost_task_vector_with_report({key: value}, beta, **dict(options or {}))
+    if rows is not None:
+        rows.extend(report.to_dict("records"))
+    return out[key]
 
 
 def _in_memory_deltas(plan: _Plan, wanted: set[str], boosted: Callable[[str, Tensor], Tensor], progress: bool) -> Iterator[tuple[str, Tensor]]:
@@ -500,6 +523,7 @@ def stream_merge(
     boost_options: Mapping[str, Any] | None = None,
     lines_b: float | None = None,
     lines_a: float | None = None,
+    lines_order: str = "after_boost",
     metadata: Mapping[str, str] | None = None,
     device: str | torch.device = "cpu",
     memory_budget: int = 512 << 20,
@@ -509,7 +533,10 @@ def stream_merge(
 ) -> MergeReport:
     """Merge ``experts`` onto ``base`` and write θ0 + α·Δm to ``output`` (safetensors),
     tensor by tensor. Δm = method → Subspace Boosting (``boost_beta``) → LiNeS (``lines_b``),
-    as :func:`subboost.merging.merge`; keys outside the task vector (integer buffers) are
+    as :func:`subboost.merging.merge`. ``lines_order="before_boost"`` computes LiNeS' default a
+    from the un-boosted update (as :func:`subboost.merging.merge` with that order); the
+    per-layer scalars are applied after SB in both orders, which gives the same matrices
+    because SB(cM) = c·SB(M). Keys outside the task vector (integer buffers) are
     copied from the base; dtypes are the base's.
 
     The file appears only when complete and every merged tensor is finite
@@ -527,12 +554,17 @@ def stream_merge(
             raise InputError(f"{what} must be finite, got {value}")
     if boost_beta is not None and not 0.0 <= float(boost_beta) <= 1.0:
         raise InputError(f"boost beta must lie in [0, 1], got {boost_beta}")
+    from subboost.merging import LINES_ORDERS
+
+    if lines_order not in LINES_ORDERS:
+        raise InputError(f"lines order must be one of {', '.join(LINES_ORDERS)}; got '{lines_order}'")
+    boost_late = lines_b is not None and lines_a is None and lines_order == "before_boost" and boost_beta is not None
     output = Path(output)
     experts = list(experts)
     names = list(names) if names is not None else expert_names([r.path for r in experts])
     rows: list[dict] = []
     delta_iter = lambda: merged_deltas(  # noqa: E731
-        base, experts, method, names=names, params=params, boost_beta=boost_beta,
+        base, experts, method, names=names, params=params, boost_beta=None if boost_late else boost_beta,
         boost_options=boost_options, device=device, memory_budget=memory_budget,
         progress=progress, boost_rows=rows,
     )
@@ -547,6 +579,7 @@ def stream_merge(
         "subboost.boost_beta": "none" if boost_beta is None else repr(float(boost_beta)),
         "subboost.boost_options": json.dumps(dict(boost_options or {}), sort_keys=True, default=str),
         "subboost.lines_b": "none" if lines_b is None else repr(float(lines_b)),
+        "subboost.lines_order": lines_order,
     }
     from subboost import __version__
 
@@ -566,6 +599,7 @@ def stream_merge(
         task_keys = check_compatible(base, experts, names)
         if lines_b is not None and lines_a is None:
             # LiNeS' default a needs ‖Σ Δt‖1 and ‖Δm‖1 over the whole model: spill Δm first
+            # (un-boosted when LiNeS comes before SB: then SB runs when it is read back)
             spill = stack.enter_context(_temporary_file(output.parent, f".{output.name}.delta."))
             num = _ta_l1(base, experts, names, device, memory_budget, progress)
             den = 0.0
@@ -587,7 +621,10 @@ def stream_merge(
                 raise InputError("LiNeS: the merged update is all zero")
             a_used = num / den / len(experts)
             spill_reader = stack.enter_context(SafetensorsReader(spill))
-            deltas = ((k, spill_reader.read(k)) for k in task_keys)
+            if boost_late:
+                deltas = ((k, _boost_key(k, spill_reader.read(k), boost_beta, boost_options, rows)) for k in task_keys)
+            else:
+                deltas = ((k, spill_reader.read(k)) for k in task_keys)
             spilled = True
         else:
             deltas = delta_iter()

@@ -206,6 +206,55 @@ def test_failing_cell_gives_nonzero_exit_and_readable_report(tmp_path, capsys):
         book.stage_site(executed_dir=out, stage_dir=tmp_path / "stage")
 
 
+TALKATIVE = FAILING.replace("# A chapter that fails", "# A chapter that reports progress").replace(
+    "y = x / 0", "from subboost.book import route_progress\nimport sys, time\nrouted = route_progress()\n"
+    "print('zoo stage: pretrain 3/10', file=sys.stderr, flush=True)\ntime.sleep(1.5)\nrouted")
+
+
+def test_progress_reaches_the_terminal_not_the_notebook(tmp_path, capsys):
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    (nbdir / "01_talks.md").write_text(TALKATIVE)
+    out = tmp_path / "executed"
+    assert book.main(["execute", "--profile", "smoke", "--device", "cpu", "--notebooks-dir", str(nbdir),
+                      "--executed-dir", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"\[01_talks \d\d:\d\d\] zoo stage: pretrain 3/10", captured.err)  # the side channel, live
+    assert "01_talks" in captured.err and "cell" in captured.err  # papermill's cell bar
+    assert "01_talks" in captured.out and "total" in captured.out  # the timing table
+    nb = nbformat.read(out / "01_talks.ipynb", as_version=4)
+    streams = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+               if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+    assert not streams  # no progress noise in the executed notebook
+    assert os.environ.get(book.PROGRESS_ENV) is None  # the runner restored its environment
+
+
+def test_generated_pages_from_records(tmp_path):
+    from subboost import claims
+
+    executed, stage = tmp_path / "executed", tmp_path / "stage"
+    (stage / "notebooks").mkdir(parents=True)
+    shutil.copy2(ROOT / "_toc.yml", stage / "_toc.yml")
+    (stage / "notebooks" / "02_propositions.ipynb").write_text("{}")
+    executed.mkdir()
+    (executed / book.MANIFEST_NAME).write_text(json.dumps({"02_propositions": dict(
+        status="ok", wall_time_s=12.5, profile="smoke", device="cpu", commit="abc", dirty=False,
+        finished_utc="2026-01-01T00:00:00+00:00")}))
+    claims.write_record(executed / "02_propositions", "02_propositions",
+                        {"prop4": claims.prop4(1.0, 16)}, dict(commit="abc", profile="smoke", device="cpu"), "synthetic")
+    written = book.write_generated_pages(stage, executed)
+    assert {p.name for p in written} == {"findings.md", "execution.md"}
+    findings = (stage / book.FINDINGS_PAGE).read_text()
+    assert findings.startswith("# Findings at a glance")
+    assert "{ref}`Supp. E, Eq. 29 <claim-prop4>`" in findings  # staged chapter: linked
+    assert "<claim-table1>" not in findings  # chapter 3 not staged: no dangling link
+    assert findings.count("**not run**") == len(claims.CLAIMS) - 1 and "**reproduced**" in findings
+    assert "synthetic · smoke · cpu · abc" in findings
+    execution = (stage / book.EXECUTION_PAGE).read_text()
+    assert "| 02_propositions | ok | 12.5 | smoke | cpu | abc |" in execution
+    assert "02_propositions" in book.timing_text(executed) and "not run" in book.findings_text(executed)
+
+
 # ------------------------------------------------------------------ the whole book (slow)
 
 
@@ -309,6 +358,9 @@ def test_site_offers_downloads_and_offline_math(built_book):
         if _has_math(src):
             assert "_static/mathjax/tex-chtml.js" in html, f"{ch.name}: MathJax is not the offline copy"
         assert any(c.get("outputs") for c in src.cells if c.cell_type == "code")  # executed, not the source
+        for c in src.cells:  # set-up cells collapsed on the page
+            if {"parameters", "injected-parameters"} & set(c.get("metadata", {}).get("tags", [])):
+                assert "hide-input" in c.metadata.tags, ch.name
 
 
 @pytest.mark.slow
@@ -334,7 +386,7 @@ def test_every_page_renders_figures_and_math_in_chromium(built_book, tmp_path):
             assert len(imgs) >= n_img, f"{entry}: {len(imgs)} figures in the page, {n_img} in the notebook"
             if _has_math(nb):
                 assert dom.count("<mjx-container") > 0, f"{entry}: math not typeset"
-        elif "$" in (ROOT / f"{entry}.md").read_text():
+        elif (ROOT / f"{entry}.md").is_file() and "$" in (ROOT / f"{entry}.md").read_text():
             assert dom.count("<mjx-container") > 0, f"{entry}: math not typeset"
         shot = tmp_path / f"{name}.png"
         _chrome(binary, "--window-size=1280,2400", "--virtual-time-budget=20000", f"--screenshot={shot}", page.resolve().as_uri())
@@ -344,3 +396,41 @@ def test_every_page_renders_figures_and_math_in_chromium(built_book, tmp_path):
         with Image.open(shot) as im:
             lo, hi = im.convert("L").getextrema()
         assert hi - lo > 100, f"{entry}: blank screenshot"
+
+
+@pytest.mark.slow
+def test_findings_page_table_and_links_in_chromium(built_book):
+    """The generated "Findings at a glance" page: one table row per claim with a verdict, every
+    evidence link resolving to an anchor of an executed chapter, and the page placed right
+    after the introduction."""
+    from subboost import claims
+
+    site = built_book["site"]
+    page = site / "book" / "findings.html"
+    assert page.is_file()
+    toc = book._toc_files(ROOT / "_toc.yml")
+    assert toc[:2] == ["book/intro", "book/findings"]
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium); the page itself was built")
+    dom = _chrome(binary, "--virtual-time-budget=20000", "--dump-dom", page.resolve().as_uri()).stdout
+    assert "Findings at a glance" in dom
+    table = re.search(r"<table.*?</table>", dom, re.S)
+    assert table, "no table on the findings page"
+    rows = re.findall(r"<tr.*?</tr>", table.group(0), re.S)[1:]
+    assert len(rows) == len(claims.CLAIMS)
+    allowed = set(claims.VERDICTS) | {claims.NOT_RUN}
+    for row, claim in zip(rows, claims.CLAIMS.values()):
+        text = re.sub(r"<[^>]+>", "", row)
+        assert claim.statement.split(":")[0][:20] in text.replace("&amp;", "&")
+        assert any(v in text for v in allowed), text
+    links = re.findall(r'href="(\.\./notebooks/[^"#]+\.html)#([^"]+)"', table.group(0))
+    assert links, "no evidence links"
+    for href, anchor in links:
+        target = (page.parent / href).resolve()
+        assert target.is_file(), href
+        assert f'id="{anchor}"' in target.read_text(), f"{href}#{anchor}: no such anchor"
+    executed = {r.chapter for r in built_book["runs"] if r.status == "ok"}
+    linked = {Path(h).stem for h, _ in links}
+    assert {c.chapter for c in claims.CLAIMS.values()} & executed <= linked
+    assert (site / "book" / "execution.html").is_file()

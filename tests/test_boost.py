@@ -171,3 +171,83 @@ def test_boost_layer_types_and_per_type_beta():
     assert not torch.allclose(with_proj["visual.proj"], tv["visual.proj"])
     with pytest.raises(ValueError, match="layer_types"):
         boost_task_vector(tv, 0.0, layer_types=["conv"])
+
+
+IN_PROJ = "visual.transformer.resblocks.0.attn.in_proj_weight"
+
+
+def block_in_proj(d=8, heads=2, seed=0):
+    """A (3d × d) in_proj whose Q, K, V blocks have very different spectra (float64)."""
+    g = np.random.default_rng(seed)
+    blocks = [low_rank_heavy_tail(d, d, seed + i) * (10.0 ** i) + 0.01 * g.standard_normal((d, d)) for i in range(3)]
+    return np.vstack(blocks)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_attention_qkv_and_heads_equal_blockwise_reference(beta):
+    d, heads = 8, 2
+    m = block_in_proj(d, heads)
+    tv = {IN_PROJ: torch.tensor(m), "visual.transformer.resblocks.0.attn.out_proj.weight": torch.tensor(m[:d])}
+    # fused: the whole (3d × d) matrix, as before
+    fused = boost_task_vector(tv, beta)[IN_PROJ].numpy()
+    np.testing.assert_allclose(fused, np_reference_sb(m, beta), atol=1e-10)
+    # qkv: each d × d block on its own
+    qkv = boost_task_vector(tv, beta, attention="qkv")
+    ref = np.vstack([np_reference_sb(m[i * d:(i + 1) * d], beta) for i in range(3)])
+    np.testing.assert_allclose(qkv[IN_PROJ].numpy(), ref, atol=1e-10)
+    assert not np.allclose(ref, fused)
+    # heads: each head's d/heads rows of Q, K and V on their own
+    dh = d // heads
+    out, report = boost_task_vector_with_report(tv, beta, attention="heads", num_heads=heads)
+    ref = np.vstack([np_reference_sb(m[r:r + dh], beta) for r in range(0, 3 * d, dh)])
+    np.testing.assert_allclose(out[IN_PROJ].numpy(), ref, atol=1e-10)
+    # out_proj is never split
+    np.testing.assert_allclose(out["visual.transformer.resblocks.0.attn.out_proj.weight"].numpy(),
+                               np_reference_sb(m[:d], beta), atol=1e-10)
+    assert list(report[report.key == IN_PROJ].part) == [f"{p}.h{h}" for p in "qkv" for h in range(heads)]
+    assert list(report[report.key != IN_PROJ].part) == [""]
+
+
+def test_attention_block_diagonal_in_proj():
+    # Q, K, V blocks with disjoint column supports: boosting per block = boosting each block
+    d = 6
+    g = np.random.default_rng(3)
+    m = np.zeros((3 * d, 3 * d))
+    for i in range(3):
+        m[i * d:(i + 1) * d, i * d:(i + 1) * d] = g.standard_normal((d, d)) * (i + 1)
+    got = boost_task_vector({IN_PROJ: torch.tensor(m)}, 0.0, attention="qkv")[IN_PROJ].numpy()
+    for i in range(3):
+        blk = m[i * d:(i + 1) * d, i * d:(i + 1) * d]
+        np.testing.assert_allclose(got[i * d:(i + 1) * d, i * d:(i + 1) * d], np_reference_sb(blk, 0.0), atol=1e-10)
+        off = np.delete(got[i * d:(i + 1) * d], np.s_[i * d:(i + 1) * d], axis=1)
+        np.testing.assert_allclose(off, 0.0, atol=1e-10)
+
+
+def test_attention_separate_projections_and_errors():
+    q = "encoder.layer.0.attention.self.query.weight"
+    g = torch.Generator().manual_seed(0)
+    tv = {q: torch.randn(8, 8, generator=g, dtype=torch.float64)}
+    # separate q/k/v matrices: "qkv" is the same as "fused"; "heads" splits their rows
+    assert torch.equal(boost_task_vector(tv, 0.0, attention="qkv")[q], boost_task_vector(tv, 0.0)[q])
+    heads = boost_task_vector(tv, 0.0, attention="heads", num_heads=4)[q].numpy()
+    ref = np.vstack([np_reference_sb(tv[q].numpy()[r:r + 2], 0.0) for r in range(0, 8, 2)])
+    np.testing.assert_allclose(heads, ref, atol=1e-10)
+    with pytest.raises(ValueError, match="num_heads"):
+        boost_task_vector(tv, 0.0, attention="heads")
+    with pytest.raises(ValueError, match="num_heads=3"):
+        boost_task_vector(tv, 0.0, attention="heads", num_heads=3)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        boost_task_vector(tv, 0.0, attention="per_head")
+
+
+def test_infer_num_heads():
+    from subboost.boost import infer_num_heads
+
+    mha = torch.nn.Sequential(torch.nn.MultiheadAttention(16, 4), torch.nn.MultiheadAttention(16, 4))
+    assert infer_num_heads(mha) == 4
+    assert infer_num_heads({"vision_cfg": {"width": 768, "layers": 12}}) == 12
+    assert infer_num_heads({"vision_cfg": {"width": 128, "head_width": 32}}) == 4
+    with pytest.raises(ValueError, match="num_heads"):
+        infer_num_heads(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="num_heads"):
+        infer_num_heads({"text_cfg": {}})

@@ -144,6 +144,29 @@ def test_merge_lines_and_mixed_input_formats(data, tmp_path):
     assert_model(out, expected_model(data, ["Cars", "DTD"], "ta", alpha=1.0, boost=0.0, lines_b=0.5))
 
 
+def test_merge_attention_treatment_and_lines_order(data, tmp_path):
+    r = data["root"]
+    out = tmp_path / "heads.safetensors"
+    proc = run("merge", "--base", r / "base.safetensors", "--experts", r / "Cars.safetensors", r / "DTD.safetensors",
+               "--boost", "0", "--attention", "heads", "--num-heads", "4", "--lines", "0.5",
+               "--lines-order", "before_boost", "--output", out, "--no-hash")
+    assert proc.returncode == 0, proc.stderr
+    assert_model(out, expected_model(data, ["Cars", "DTD"], "ta", alpha=1.0, boost=0.0, lines_b=0.5,
+                                     lines_order="before_boost",
+                                     boost_options={"attention": "heads", "num_heads": 4}))
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["subboost.boost_options"])["attention"] == "heads"
+    assert meta["subboost.lines_order"] == "before_boost"
+    bad = run("merge", "--base", r / "base.safetensors", "--experts", r / "Cars.safetensors", "--boost", "0",
+              "--attention", "heads", "--output", tmp_path / "x.safetensors")
+    assert_bad_input(bad, "--num-heads")
+    bad = run("merge", "--base", r / "base.safetensors", "--experts", r / "Cars.safetensors", "--boost", "0",
+              "--attention", "heads", "--num-heads", "5", "--output", tmp_path / "x.safetensors")
+    assert_bad_input(bad, "num_heads=5")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_merge_from_checkpoint_root_with_pickled_modules(tmp_path):
     """Public layout {root}/{model}/{Task}Val/nonlinear_finetuned.pt with pickled modules whose
     class code (src.modeling) is not installed: needs --allow-pickle, then merges."""

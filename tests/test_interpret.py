@@ -105,16 +105,16 @@ def test_alignment_by_block_and_depth_trend_hand_computed():
     assert trend["spearman"] == pytest.approx(np.corrcoef(x, y)[0, 1])
     assert trend["n_blocks"] == 3
     assert trend["monotone_mean"] and trend["spearman_blocks"] == pytest.approx(np.corrcoef([1, 2, 3], [1.5, 1.5, 3])[0, 1])
-    assert trend["verdict"] == "shows"
+    assert trend["verdict"].verdict == "reproduced"
     np.testing.assert_allclose(by.std_alignment, 0.0, atol=1e-15)  # constant off-diagonals
     falling = it.depth_trend(it.alignment_by_block(_fake_alignment({(0, "mlp.c_fc.weight"): 0.5,
                                                                      (1, "mlp.c_fc.weight"): 0.6,
                                                                      (2, "mlp.c_fc.weight"): 0.4})))
-    assert falling["verdict"] == "no" and not falling["monotone_mean"]
+    assert falling["verdict"].verdict == "not reproduced" and not falling["monotone_mean"]
     partly = it.depth_trend(it.alignment_by_block(_fake_alignment({(0, "mlp.c_fc.weight"): 0.3,
                                                                     (1, "mlp.c_fc.weight"): 0.2,
                                                                     (2, "mlp.c_fc.weight"): 0.4})))
-    assert partly["verdict"] == "partly"
+    assert partly["verdict"].verdict == "partly"
 
 
 def _vectors(rng, n_tasks, layers=2, d=6, shared=0.0):

@@ -18,7 +18,10 @@ from subboost.merging import (
     tall_masks,
     task_arithmetic,
     ties,
+    ties_keep_count,
+    ties_trim_thresholds,
     tsv_merge,
+    iso_cts_split,
 )
 
 def as_np(x):
@@ -61,12 +64,48 @@ def test_ties_tie_takes_negative_majority():
 def test_ties_trim_is_global_per_task():
     tvs = [{"a": torch.tensor([4.0, -0.1]), "b": torch.tensor([0.2, -3.0])},
            {"a": torch.tensor([0.3, 0.2]), "b": torch.tensor([-0.1, 0.05])}]
-    out = ties(tvs, top_k=0.5)  # each task keeps its 2 largest of 4 entries
+    out = ties(tvs, top_k=0.5, trim="top_k")  # each task keeps its 2 largest of 4 entries
     # task 0 keeps 4.0 and -3.0; task 1 keeps 0.3 and 0.2
     assert out["a"].tolist() == pytest.approx([(4.0 + 0.3) / 2, 0.2])
     assert out["b"].tolist() == pytest.approx([0.0, -3.0])
+    # the official rule keeps ⌊4·0.5⌋ + 1 = 3: task 0 adds 0.2, task 1 adds -0.1;
+    # entry b[0]: 0.2 - 0.1 > 0 elects +, only 0.2 agrees
+    out = ties(tvs, top_k=0.5)
+    assert out["a"].tolist() == pytest.approx([(4.0 + 0.3) / 2, 0.2])
+    assert out["b"].tolist() == pytest.approx([0.2, -3.0])
     with pytest.raises(ValueError, match="top_k"):
         ties(tvs, top_k=20)
+    with pytest.raises(ValueError, match="trim"):
+        ties(tvs, trim="nope")
+
+
+def test_ties_keep_counts_official_and_top_k():
+    # official: k = d - int(d*K), keep |x| >= kthvalue -> int(d*K) + 1 entries
+    assert [ties_keep_count(10, K) for K in (0.05, 0.2, 0.25, 1.0)] == [1, 3, 3, 10]
+    assert [ties_keep_count(10, K, "top_k") for K in (0.05, 0.2, 0.25, 1.0)] == [1, 2, 2, 10]
+
+
+def test_ties_threshold_in_float64():
+    # magnitudes that float32 cannot tell apart: 1 + 3e-12 > 1 + 2e-12 > 1 + 1e-12 > 1
+    vals = [1 + 3e-12, -(1 + 2e-12), 1 + 1e-12, 1.0, 0.5, 0.25, 0.125, 0.1, 0.05, 0.01]
+    tv = [{"w": torch.tensor(vals, dtype=torch.float64)}]
+    kept = lambda out: int((out["w"] != 0).sum())  # noqa: E731
+    assert kept(ties(tv, top_k=0.2, trim="top_k")) == 2   # a float32 threshold (1.0) keeps 4
+    assert kept(ties(tv, top_k=0.2)) == 3
+    assert ties_trim_thresholds(tv, 0.2) == [1 + 1e-12]
+    # a genuine tie at the threshold is kept under both rules
+    tie = [{"w": torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1], dtype=torch.float64)}]
+    assert kept(ties(tie, top_k=0.2, trim="top_k")) == 4
+    assert kept(ties(tie, top_k=0.2)) == 4
+
+
+def test_ties_sum_aggregate_and_zero_majority():
+    tvs = vecs([1, -2, 3, 0], [2, 1, -3, 0.5], [-1, -1, 1, -0.5])
+    out = ties(tvs, top_k=1.0, aggregate="sum")["w"].tolist()
+    assert out == pytest.approx([3.0, -3.0, 4.0, 0.5])
+    # elected signs +, - sum to 0: the official code then keeps the negative values of a tie
+    tvs = vecs([1, -1, 1], [1, -1, -1])
+    assert ties(tvs, top_k=1.0)["w"].tolist() == pytest.approx([1, -1, -1])
 
 
 def test_tall_masks_and_consensus_hand():
@@ -75,12 +114,35 @@ def test_tall_masks_and_consensus_hand():
     masks = tall_masks(tvs, lambdas=[0.5, 0.5, 1.0])
     for t, lam in enumerate([0.5, 0.5, 1.0]):
         d = as_np(tvs[t]["w"])
-        assert masks[t]["w"].tolist() == list(np.abs(d) >= lam * np.abs(mtl - d))
+        assert masks[t]["w"].tolist() == list(np.abs(d) > lam * np.abs(mtl - d))
     counts = sum(np.array(m["w"].tolist(), dtype=int) for m in masks)
     out = consensus(tvs, k=2, lambdas=[0.5, 0.5, 1.0])["w"].numpy()
     np.testing.assert_allclose(out, np.where(counts >= 2, mtl, 0.0))
     with pytest.raises(ValueError, match="lambdas"):
         tall_masks(tvs, lambdas=[0.1, 0.2])
+
+
+def test_tall_masks_strict():
+    # task 0: |d| = 1, |mtl - d| = 2, λ = 0.5: equality, which the official strict '>' rejects
+    tvs = vecs([1.0], [2.0])
+    assert tall_masks(tvs, lambdas=0.5)[0]["w"].tolist() == [False]
+    assert tall_masks(tvs, lambdas=0.49)[0]["w"].tolist() == [True]
+
+
+def test_consensus_over_ties_hand():
+    # top_k = 1 (no trimming), λ = 0.5, two entries
+    tvs = vecs([1.0, 1.0], [0.2, 1.0], [-1.1, -0.5])
+    # TIES dis-sum: entry 0: sum 0.1 elects +, 1.0 + 0.2 = 1.2; entry 1: 2.0
+    np.testing.assert_allclose(ties(tvs, top_k=1.0, aggregate="sum")["w"].numpy(), [1.2, 2.0])
+    # masks against the TIES vector: entry 0: 1 > .5·.2 yes, .2 > .5·1.0 no, 1.1 > .5·2.3 no -> 1 mask;
+    # entry 1: 1 > .5·1 yes, 1 > .5·1 yes, .5 > .5·2.5 no -> 2 masks
+    out = consensus(tvs, k=2, lambdas=0.5, base="ties", top_k=1.0)["w"].numpy()
+    np.testing.assert_allclose(out, [0.0, 2.0])
+    # against the TA sum (0.1, 1.5) entry 0 would get 3 masks: 1 > .45, .2 > .05, 1.1 > .6
+    np.testing.assert_allclose(consensus(tvs, k=2, lambdas=0.5, base="ta")["w"].numpy(), [0.1, 1.5])
+    # the dis-mean variant: entry 0: mean 0.6, masks of tasks 0 and 2 at least; entry 1: 1.0
+    out = consensus(tvs, k=2, lambdas=0.5, base="ties", top_k=1.0, ties_aggregate="mean")["w"].numpy()
+    np.testing.assert_allclose(out, [0.6, 1.0])
 
 
 def test_lines_layer_indices():
@@ -143,21 +205,49 @@ def test_tsv_exact_on_disjoint_low_rank_tasks():
     assert torch.allclose(tsv_merge(tvs)[W], sum(t[W] for t in tvs), atol=1e-10)
 
 
+def test_iso_cts_split_official():
+    # k = floor(0.8 r); total = round((r - k)/N)·N (half to even); common = r - total
+    assert iso_cts_split(768, 8) == (768 - 152, 19)    # k = 614, 154/8 = 19.25 -> 19
+    assert iso_cts_split(768, 20) == (768 - 160, 8)    # 154/20 = 7.7 -> 8: common shrinks to 608
+    assert iso_cts_split(10, 4) == (10, 0)             # k = 8, 2/4 = 0.5 -> 0 (half to even)
+    assert iso_cts_split(30, 4) == (22, 2)             # k = 24, 6/4 = 1.5 -> 2
+    assert iso_cts_split(50, 4) == (42, 2)             # k = 40, 10/4 = 2.5 -> 2 (half to even)
+    assert iso_cts_split(12, 4) == (8, 1)              # k = 9, 3/4 = 0.75 -> 1: common shrinks to 8
+    assert iso_cts_split(10, 4, 0.1) == (2, 2)         # k = 1, 9/4 = 2.25 -> 2
+    assert iso_cts_split(10, 6, 0.1) == (4, 1)         # k = 1, 9/6 = 1.5 -> 2 would need 12 > 10: ⌊10/6⌋
+    for r, n in ((768, 8), (768, 14), (768, 20), (1024, 14), (10, 3), (10, 30)):
+        c, s = iso_cts_split(r, n)
+        assert c + n * s == r and c >= 0 and s >= 0
+
+
+def iso_cts_reference(mats, common, per_task):
+    total = sum(mats)
+    u, s, vt = np.linalg.svd(total, full_matrices=False)
+    uc = u[:, :common]
+    us, ss, vs = [uc], [s[:common]], [vt[:common].T]
+    for m in mats:
+        ut, st, vtt = np.linalg.svd(m - uc @ uc.T @ m, full_matrices=False)
+        us.append(ut[:, :per_task]); ss.append(st[:per_task]); vs.append(vtt[:per_task].T)
+    return np.concatenate(ss).mean() * polar(np.hstack(us)) @ polar(np.hstack(vs)).T
+
+
 def test_iso_cts_reference_and_iso_c_limit():
     tvs = block_vectors(n=2, shape=(10, 10), seed=3)
     mats = [as_np(t[W]) for t in tvs]
-    total = sum(mats)
-    u, s, vt = np.linalg.svd(total)
-    k = 8
-    uc = u[:, :k]
-    us, ss, vs = [uc], [s[:k]], [vt[:k].T]
-    for m in mats:
-        ut, st, vtt = np.linalg.svd(m - uc @ uc.T @ m)
-        us.append(ut[:, :1]); ss.append(st[:1]); vs.append(vtt[:1].T)
-    sig = np.concatenate(ss).mean()
-    ref = sig * polar(np.hstack(us)) @ polar(np.hstack(vs)).T
-    np.testing.assert_allclose(as_np(iso_cts(tvs, common_fraction=0.8)[W]), ref, atol=1e-9)
+    # r = 10, k = 8, round(2/2)·2 = 2: common 8, one direction per task
+    np.testing.assert_allclose(as_np(iso_cts(tvs, common_fraction=0.8)[W]), iso_cts_reference(mats, 8, 1), atol=1e-9)
     np.testing.assert_allclose(as_np(iso_cts(tvs, common_fraction=1.0)[W]), as_np(iso_c(tvs)[W]), atol=1e-9)
+
+
+def test_iso_cts_fills_every_direction():
+    # r = 12, N = 3: k = 9, (12 - 9)/3 = 1 -> common 9, one per task (floor split: the same);
+    # r = 12, N = 5: k = 9, 3/5 = 0.6 rounds to 1 -> 5 task directions, common re-set to 7
+    # (the floor split would add none); N = 7: 3/7 rounds to 0 -> common 12 (= Iso-C)
+    for n, (c, s) in ((3, (9, 1)), (5, (7, 1)), (7, (12, 0))):
+        tvs = block_vectors(n=n, shape=(16, 12), seed=n)
+        mats = [as_np(t[W]) for t in tvs]
+        np.testing.assert_allclose(as_np(iso_cts(tvs)[W]), iso_cts_reference(mats, c, s), atol=1e-9)
+    np.testing.assert_allclose(as_np(iso_cts(tvs)[W]), as_np(iso_c(tvs)[W]), atol=1e-9)
 
 
 def test_spectral_methods_skip_zero_matrices():
@@ -187,3 +277,42 @@ def test_merge_bad_inputs():
         merge({"cars": a, "dtd": {"x": torch.zeros(3, 2)}}, "ta")
     with pytest.raises(ValueError, match="unknown merging method"):
         merge([a, a], "nope")
+
+
+def sb0(m):
+    u, s, vt = np.linalg.svd(m, full_matrices=False)
+    return s[0] * u @ vt
+
+
+def test_lines_order_with_sb():
+    g = torch.Generator().manual_seed(7)
+    keys = [f"visual.transformer.resblocks.{l}.mlp.c_fc.weight" for l in range(3)] + ["visual.ln_post.weight"]
+    shapes = [(12, 6)] * 3 + [(6,)]
+    tvs = [{k: torch.randn(*sh, generator=g, dtype=torch.float64) for k, sh in zip(keys, shapes)} for _ in range(4)]
+    total = {k: sum(as_np(t[k]) for t in tvs) for k in keys}
+    boosted = {k: sb0(v) if v.ndim == 2 else v for k, v in total.items()}
+    l1 = lambda d: sum(np.abs(v).sum() for v in d.values())  # noqa: E731
+    depth = {keys[0]: 0.0, keys[1]: 0.5, keys[2]: 1.0, keys[3]: None}
+    b = 0.6
+
+    def scaled(d, a):
+        return {k: (a if depth[k] is None else a + b * depth[k]) * v for k, v in d.items()}
+
+    a_after = l1(total) / l1(boosted) / 4       # LiNeS sees the boosted update
+    a_before = l1(total) / l1(total) / 4        # LiNeS sees the plain TA sum: 1/T
+    ref_after = scaled(boosted, a_after)
+    ref_before = {k: sb0(v) if v.ndim == 2 else v for k, v in scaled(total, a_before).items()}
+    after = merge(tvs, "ta", boost_beta=0.0, lines_b=b)
+    before = merge(tvs, "ta", boost_beta=0.0, lines_b=b, lines_order="before_boost")
+    for k in keys:
+        np.testing.assert_allclose(as_np(after[k]), ref_after[k], atol=1e-10)
+        np.testing.assert_allclose(as_np(before[k]), ref_before[k], atol=1e-10)
+    assert a_after < a_before  # boosting raises ‖Δm‖1, so the default a drops
+    assert not np.allclose(as_np(after[keys[0]]), as_np(before[keys[0]]))
+    # an explicit a: the orders agree (SB(cM) = c·SB(M))
+    e1 = merge(tvs, "ta", boost_beta=0.0, lines_b=b, lines_a=0.3)
+    e2 = merge(tvs, "ta", boost_beta=0.0, lines_b=b, lines_a=0.3, lines_order="before_boost")
+    for k in keys:
+        np.testing.assert_allclose(as_np(e1[k]), as_np(e2[k]), atol=1e-10)
+    with pytest.raises(ValueError, match="lines_order"):
+        merge(tvs, "ta", lines_b=b, lines_order="sideways")

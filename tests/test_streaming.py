@@ -121,9 +121,11 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 experts_st=paths_st, experts_pt=paths_pt)
 
 
-def library_merge(base, experts, method, *, params=None, boost=None, boost_options=None, lines_b=None, lines_a=None, alpha=1.0):
+def library_merge(base, experts, method, *, params=None, boost=None, boost_options=None, lines_b=None, lines_a=None,
+                  alpha=1.0, lines_order="after_boost"):
     vectors = list(task_vectors(base, {f"e{i}": e for i, e in enumerate(experts)}).values())
-    delta = merge(vectors, method, boost_beta=boost, boost_options=boost_options, lines_b=lines_b, lines_a=lines_a, **(params or {}))
+    delta = merge(vectors, method, boost_beta=boost, boost_options=boost_options, lines_b=lines_b, lines_a=lines_a,
+                  lines_order=lines_order, **(params or {}))
     return apply_task_vector(base, delta, alpha), delta
 
 
@@ -294,6 +296,8 @@ def test_mapped_pages_are_released(tmp_path):
 METHOD_CASES = [
     ("ta", {}), ("average", {}), ("ties", {"top_k": 0.2}), ("ties", {"top_k": 0.7}),
     ("consensus", {"k": 2, "lambdas": 0.4}), ("consensus", {"k": 2, "base": "ties", "top_k": 0.3}),
+    ("ties", {"top_k": 0.2, "trim": "top_k"}),
+    ("consensus", {"k": 2, "base": "ties", "top_k": 0.3, "ties_aggregate": "mean", "trim": "top_k"}),
     ("iso-c", {}), ("iso-cts", {}), ("tsv", {}), ("ho-sb", {}),
 ]
 
@@ -326,6 +330,36 @@ def test_ties_thresholds_are_exact(ckpts):
         plan = _Plan(base, experts, ["a", "b", "c"], keys, "ties", {}, torch.device("cpu"), 1 << 20)
         thresholds, _ = _ties_statistics(plan, top_k, progress=False)
         assert thresholds == ties_trim_thresholds(vectors, top_k)
+        thresholds, _ = _ties_statistics(plan, top_k, progress=False, trim="top_k")
+        assert thresholds == ties_trim_thresholds(vectors, top_k, trim="top_k")
+
+
+def test_ties_thresholds_are_exact_in_float64(tmp_path):
+    # float64 task vectors whose magnitudes float32 cannot separate: the streamed selection
+    # ranks the float64 bit patterns, as torch.kthvalue in float64 does
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(40, 8, generator=g, dtype=torch.float64), "b": torch.randn(8, generator=g, dtype=torch.float64)}
+    experts = []
+    for i in range(2):
+        e = {k: v + 1e-3 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in base.items()}
+        e["w"][0, :6] = base["w"][0, :6] + torch.tensor([1 + 3e-12, -(1 + 2e-12), 1 + 1e-12, 1.0, 1 - 1e-12, 0.9], dtype=torch.float64)
+        experts.append(e)
+        save_file(e, tmp_path / f"e{i}.safetensors")
+    save_file(base, tmp_path / "base.safetensors")
+    vectors = list(task_vectors(base, {f"e{i}": e for i, e in enumerate(experts)}).values())
+    reader = open_checkpoint(tmp_path / "base.safetensors")
+    readers = [open_checkpoint(tmp_path / f"e{i}.safetensors") for i in range(2)]
+    keys = check_compatible(reader, readers, ["a", "b"])
+    plan = _Plan(reader, readers, ["a", "b"], keys, "ties", {}, torch.device("cpu"), 1 << 20)
+    total = sum(v.numel() for v in vectors[0].values())
+    for top_k in (2 / total, 3 / total, 0.2):
+        for trim in ("official", "top_k"):
+            thresholds, _ = _ties_statistics(plan, top_k, progress=False, trim=trim)
+            assert thresholds == ties_trim_thresholds(vectors, top_k, trim=trim)
+    streamed = dict(merged_deltas(reader, readers, "ties", params={"top_k": 3 / total}))
+    expected = merge(vectors, "ties", top_k=3 / total)
+    for k in expected:
+        assert torch.equal(streamed[k], expected[k]), k
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -334,6 +368,9 @@ def test_ties_thresholds_are_exact(ckpts):
     dict(method="ta", boost=0.0, lines_b=0.5, alpha=0.8),
     dict(method="ta", boost=None, lines_b=0.5, lines_a=0.2, alpha=1.0),
     dict(method="average", boost=0.02, alpha=1.0, boost_options={"layer_types": ["mlp"], "route": "gram"}),
+    dict(method="ta", boost=0.0, lines_b=0.5, alpha=0.8, lines_order="before_boost"),
+    dict(method="ta", boost=0.0, alpha=0.5, boost_options={"attention": "heads", "num_heads": 4}),
+    dict(method="ta", boost=0.0, alpha=0.5, boost_options={"attention": "qkv"}),
 ])
 def test_stream_merge_writes_the_library_model(ckpts, tmp_path, kwargs):
     kwargs = dict(kwargs)
@@ -342,10 +379,12 @@ def test_stream_merge_writes_the_library_model(ckpts, tmp_path, kwargs):
     out = tmp_path / "merged.safetensors"
     report = stream_merge(base, experts, out, method, params=kwargs.get("params"), alpha=kwargs["alpha"],
                           boost_beta=kwargs.get("boost"), boost_options=kwargs.get("boost_options"),
-                          lines_b=kwargs.get("lines_b"), lines_a=kwargs.get("lines_a"), metadata={"note": "x"})
+                          lines_b=kwargs.get("lines_b"), lines_a=kwargs.get("lines_a"), metadata={"note": "x"},
+                          lines_order=kwargs.get("lines_order", "after_boost"))
     expected, _ = library_merge(ckpts["base"], ckpts["experts"], method, params=kwargs.get("params"),
                                 boost=kwargs.get("boost"), boost_options=kwargs.get("boost_options"),
-                                lines_b=kwargs.get("lines_b"), lines_a=kwargs.get("lines_a"), alpha=kwargs["alpha"])
+                                lines_b=kwargs.get("lines_b"), lines_a=kwargs.get("lines_a"), alpha=kwargs["alpha"],
+                                lines_order=kwargs.get("lines_order", "after_boost"))
     got = load_file(out)
     assert_close_dicts({k: got[k] for k in expected}, expected)
     assert torch.equal(got["position_ids"], ckpts["base"]["position_ids"])
