@@ -238,14 +238,24 @@ def configure_cpu_threads(params: Mapping) -> int:
 
 def load_suite_from_parameters(params: Mapping) -> Suite:
     """The suite a chapter runs on: real checkpoints when ``checkpoint_root`` is set (with
-    ``model``, optional ``data_root`` and ``tasks``), otherwise the mini zoo of ``profile``
+    ``model``, optional ``data_root``, ``tasks`` (a list, or comma-separated names) and
+    ``allow_pickle`` (a bool)), otherwise the mini zoo of ``profile``
     (built on first use under ``zoo_root``)."""
     if params.get("checkpoint_root"):
         from subboost.release import load_suite
 
+        allow_pickle = params.get("allow_pickle", False)
+        if not isinstance(allow_pickle, bool):
+            raise ValueError(f"parameter 'allow_pickle': expected true or false, got {allow_pickle!r}")
+        tasks = params.get("tasks")
+        if isinstance(tasks, str):
+            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+        if tasks is not None and (not isinstance(tasks, (list, tuple)) or not tasks
+                                  or not all(isinstance(t, str) and t for t in tasks)):
+            raise ValueError(f"parameter 'tasks': expected a non-empty list of task names, got {tasks!r}")
         return load_suite(params["checkpoint_root"], model=params.get("model") or "ViT-B-32",
-                          tasks=params.get("tasks"), data_root=params.get("data_root"),
-                          allow_pickle=bool(params.get("allow_pickle", False)), device=params.get("device", "auto"))
+                          tasks=tasks, data_root=params.get("data_root"),
+                          allow_pickle=allow_pickle, device=params.get("device", "auto"))
     from subboost.zoo import load_suite
 
     return load_suite(params.get("profile", "ci"), root=params.get("zoo_root"), device=params.get("device", "auto"))
