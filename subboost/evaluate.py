@@ -20,6 +20,7 @@ one reusable image tower per suite; the split tensors are cached on the suite af
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -161,6 +162,7 @@ class Suite:
         self._heads: dict[str, Tensor] = {}
         self._data: dict[tuple[str, str], TaskData] = {}
         self._visual: torch.nn.Module | None = None
+        self._base_on_device: StateDict | None = None
 
     def __repr__(self) -> str:
         return f"Suite({self.name!r}, model={self.model_name!r}, tasks={len(self.task_names)}, device={self.device})"
@@ -236,6 +238,32 @@ class Suite:
             raise
         return self._visual
 
+    @torch.no_grad()
+    def load_merged(self, delta: Mapping[str, Tensor], alpha: float) -> torch.nn.Module:
+        """The suite's image tower holding θ0 + α·Δ (image-tower part), written in place into
+        its parameters: no merged state dict is built per α (same values as
+        :func:`merged_state` + :meth:`load_visual`: float32 arithmetic, cast to the tower's dtype)."""
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha}")
+        if self._visual is None:
+            self._visual = self._make_visual().to(self.device).eval()
+        if self._base_on_device is None:
+            base = visual_state(self.base_state)
+            if set(base) != set(self._visual.state_dict()):
+                check_architecture(self.base_state, self._visual, self.model_name)
+            self._base_on_device = {k: v.to(self.device) for k, v in base.items()}
+        for key, target in self._visual.state_dict().items():
+            b = self._base_on_device[key]
+            d = delta.get(VISUAL_PREFIX + key)
+            if d is None or not target.is_floating_point():
+                target.copy_(b)
+                continue
+            if tuple(d.shape) != tuple(target.shape):
+                raise ValueError(f"shape mismatch for key '{VISUAL_PREFIX + key}': base {tuple(b.shape)} vs "
+                                 f"update {tuple(d.shape)}")
+            target.copy_((b.to(torch.float32) + alpha * d.to(self.device, torch.float32)).to(b.dtype))
+        return self._visual
+
     @torch.inference_mode()
     def predict(self, visual: torch.nn.Module, task: str, split: str = "test") -> Tensor:
         """Predicted labels of a split with an already loaded image tower."""
@@ -307,7 +335,11 @@ def evaluate(suite: Suite, state_dict: Mapping[str, Tensor], tasks: Iterable[str
     tasks = _tasks(suite, tasks)
     # normalisers first: computing a missing one loads the expert into the shared tower
     finetuned = {t: suite.finetuned_accuracy(t, split) for t in tasks}
-    visual = suite.load_visual(state_dict)
+    return _score(suite, suite.load_visual(state_dict), tasks, split, finetuned)
+
+
+def _score(suite: Suite, visual: torch.nn.Module, tasks: Sequence[str], split: str,
+           finetuned: Mapping[str, float]) -> pd.DataFrame:
     rows = []
     for t in tasks:
         acc = float((suite.predict(visual, t, split) == suite.data(t, split).labels).float().mean())
@@ -337,8 +369,13 @@ def merged_state(suite: Suite, delta: Mapping[str, Tensor], alpha: float) -> Sta
 
 def evaluate_delta(suite: Suite, delta: Mapping[str, Tensor], alpha: float,
                    tasks: Iterable[str] | None = None, split: str = "test") -> pd.DataFrame:
-    """:func:`evaluate` of θ0 + α·Δm."""
-    return evaluate(suite, merged_state(suite, delta, alpha), tasks, split)
+    """:func:`evaluate` of θ0 + α·Δm (written into the suite's tower in place when the suite
+    offers :meth:`Suite.load_merged`)."""
+    if not callable(getattr(suite, "load_merged", None)):
+        return evaluate(suite, merged_state(suite, delta, alpha), tasks, split)
+    tasks = _tasks(suite, tasks)
+    finetuned = {t: suite.finetuned_accuracy(t, split) for t in tasks}
+    return _score(suite, suite.load_merged(delta, alpha), tasks, split, finetuned)
 
 
 def alpha_sweep(suite: Suite, delta: Mapping[str, Tensor], tasks: Iterable[str] | None = None,

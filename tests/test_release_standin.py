@@ -335,3 +335,18 @@ def test_smoke_chapter_on_the_standin(standins, layout, tmp_path):
     runs = execute_book(profile="smoke", device="cpu", chapters=["01"], overrides=params,
                         executed_dir=tmp_path / "executed")
     assert [r.status for r in runs] == ["ok"]
+
+
+def test_in_place_merge_matches_the_merged_state_dict(standins):
+    """Suite.load_merged (in place, per α) against θ0 + α·Δ built by apply_task_vector."""
+    from subboost.evaluate import merged_state
+
+    _, converted = standins["task_vectors"]
+    suite = release.load_suite(converted, MODEL, device="cpu")
+    delta = merge(suite.task_vectors(), "ta")
+    suite.finetuned_accuracy("DTD")  # the shared tower last held an expert
+    got = {k: v.clone() for k, v in suite.load_merged(delta, 0.7).state_dict().items()}
+    ref = suite.load_visual(merged_state(suite, delta, 0.7)).state_dict()
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        suite.load_merged(delta, float("nan"))
