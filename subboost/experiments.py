@@ -222,17 +222,39 @@ def available_methods() -> pd.DataFrame:
 SMOKE_TASK_COUNTS = (2, 3)
 
 
+SMALL_MODEL_WIDTH = 256
+
+
+def _vision_width(params: Mapping) -> int | None:
+    """Width of the image tower of the real checkpoints named by ``params`` (``None``: unknown)."""
+    try:
+        import open_clip
+
+        from subboost.release import ensure_model_config
+
+        model = params.get("model") or "ViT-B-32"
+        ensure_model_config(params["checkpoint_root"], model)
+        return int(open_clip.get_model_config(model)["vision_cfg"]["width"])
+    except Exception:  # noqa: BLE001 -- an unknown model is reported by load_suite, with its own message
+        return None
+
+
 def configure_cpu_threads(params: Mapping) -> int:
-    """Use one intra-op thread for the mini zoo on the CPU; returns the thread count in force.
+    """Use one intra-op thread for small models on the CPU; returns the thread count in force.
 
     The zoo's matrices are tiny (≤ 256 wide): multi-threaded LAPACK and GEMM calls on them
     cost more in synchronisation than they gain, and on a busy 2-core machine a 256×64 SVD
-    was measured at 0.2-0.8 s with 2 threads versus 0.5 ms with one. Real checkpoints and
-    GPUs keep torch's default. This sets torch's process-wide thread count, so notebooks call
-    it once, at the top.
+    was measured at 0.2-0.8 s with 2 threads versus 0.5 ms with one; a smoke chapter's
+    evaluations on a 64-wide stand-in release took 118 s with 2 threads and 5 s with one
+    (``benchmarks/real_checkpoints.py``). So one thread for the mini zoo and for real
+    checkpoints whose image tower is at most ``SMALL_MODEL_WIDTH`` wide; real ViTs (768 wide
+    and more) and GPUs keep torch's default. This sets torch's process-wide thread count, so
+    notebooks call it once, at the top.
     """
-    if params.get("device", "cpu") == "cpu" and not params.get("checkpoint_root"):
-        torch.set_num_threads(1)
+    if params.get("device", "cpu") == "cpu":
+        width = _vision_width(params) if params.get("checkpoint_root") else 0
+        if width is not None and width <= SMALL_MODEL_WIDTH:
+            torch.set_num_threads(1)
     return torch.get_num_threads()
 
 

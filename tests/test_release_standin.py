@@ -350,3 +350,17 @@ def test_in_place_merge_matches_the_merged_state_dict(standins):
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
     with pytest.raises(ValueError, match="alpha must be finite"):
         suite.load_merged(delta, float("nan"))
+
+
+def test_small_real_models_use_one_cpu_thread(standins):
+    """Tiny towers pay more in thread synchronisation than they gain; real ViTs keep the default."""
+    from subboost.experiments import configure_cpu_threads
+
+    _, converted = standins["tall_masks"]
+    try:
+        torch.set_num_threads(2)
+        assert configure_cpu_threads({"device": "cpu", "checkpoint_root": str(converted), "model": MODEL}) == 1
+        torch.set_num_threads(2)
+        assert configure_cpu_threads({"device": "cpu", "checkpoint_root": str(converted), "model": "ViT-B-32"}) == 2
+    finally:
+        torch.set_num_threads(1)
