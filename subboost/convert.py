@@ -15,17 +15,20 @@ Checkpoints
     are copied.
 
 Data (``--data``, the authors' ``location`` folder)
-    Supported formats (torchvision ``ImageFolder`` folders, as read by nik-dim/tall_masks and
-    mlfoundations/task_vectors): see :data:`AUTHORS_FOLDERS`. The test split is the authors'
-    test folder; the validation split ("{Task}Val") is, as in the authors' code, a seeded
+    Supported formats (as read by nik-dim/tall_masks and mlfoundations/task_vectors): the
+    torchvision ``ImageFolder`` folders of DTD (``dtd/{train,val}``), EuroSAT
+    (``EuroSAT_splits/{train,val,test}``) and SUN397 (``sun397/{train,val}``); GTSRB
+    (``gtsrb/GTSRB/Training/{class}/*.ppm`` and ``gtsrb/GTSRB/Final_Test/Images`` with
+    ``gtsrb/GT-final_test.csv``); RESISC45 (``resisc45/NWPU-RESISC45/{class}/`` filtered by
+    ``resisc45/resisc45-{train,test}.txt``). The test split is the authors' test split; the validation split ("{Task}Val") is, as in the authors' code, a seeded
     random split of the training folder: ``int(0.1 · n)`` images, at most 5000, the last
     part of ``torch.randperm(n)`` drawn with ``torch.Generator().manual_seed(0)`` over the
     ImageFolder order (classes sorted, files sorted within each class), except where the
     authors read a ready ``val`` folder (EuroSAT). Images are copied (never moved) to
     ``{NEW_ROOT}/data/{Task}/{val,test}/{class}/`` with ``classes.txt`` giving the training
-    folder's class order, i.e. the heads' row order. Other datasets (MNIST, SVHN, GTSRB,
-    RESISC45, Cars, ...) are stored by torchvision in their own binary or CSV formats: write
-    them with :func:`subboost.release.save_task_data`.
+    folder's class order, i.e. the heads' row order. Other datasets (MNIST, SVHN, Cars, ...)
+    are stored by torchvision in their own binary or annotation formats: write them with
+    :func:`subboost.release.save_task_data`.
 
 The destination must not exist or be an empty folder; everything is written into a temporary
 sibling folder that is renamed onto it at the end (removed on error or interruption). Progress
@@ -60,11 +63,14 @@ from subboost.release import (
 )
 from subboost.taskvector import all_finite
 
-# task → (training folder, test folder, ready validation folder or None), relative to the authors' location
+# task → (training folder, test folder, ready validation folder or None), relative to the authors' location;
+# GTSRB and RESISC45 are read by their own functions below (a CSV, split lists)
 AUTHORS_FOLDERS: dict[str, tuple[str, str, str | None]] = {
     "DTD": ("dtd/train", "dtd/val", None),
     "EuroSAT": ("EuroSAT_splits/train", "EuroSAT_splits/test", "EuroSAT_splits/val"),
     "SUN397": ("sun397/train", "sun397/val", None),
+    "GTSRB": ("gtsrb/GTSRB/Training", "gtsrb/GTSRB/Final_Test/Images", None),
+    "RESISC45": ("resisc45/NWPU-RESISC45", "resisc45/NWPU-RESISC45", None),
 }
 VAL_FRACTION = 0.1
 MAX_VAL = 5000
@@ -85,9 +91,11 @@ class Summary:
 # ---------------------------------------------------------------- data
 
 
-def image_folder(directory: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+def image_folder(directory: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
+                 keep=None) -> tuple[list[str], list[tuple[Path, int]]]:
     """torchvision ``ImageFolder`` order: class folders sorted by name, files of a class found
-    recursively, directories and names sorted; returns ``(classes, [(file, class index)])``."""
+    recursively, directories and names sorted; returns ``(classes, [(file, class index)])``.
+    ``keep(name)`` filters files by base name (the authors' RESISC45 split lists)."""
     if not directory.is_dir():
         raise ConvertError(f"data folder not found: {directory}")
     classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
@@ -96,8 +104,59 @@ def image_folder(directory: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     samples = []
     for ci, c in enumerate(classes):
         for dirpath, _, names in sorted(os.walk(directory / c, followlinks=True)):
-            samples.extend((Path(dirpath) / n, ci) for n in sorted(names) if n.lower().endswith(IMAGE_SUFFIXES))
+            samples.extend((Path(dirpath) / n, ci) for n in sorted(names)
+                           if n.lower().endswith(suffixes) and (keep is None or keep(n)))
     return classes, samples
+
+
+def _split_list(path: Path) -> set[str]:
+    if not path.is_file():
+        raise ConvertError(f"split list not found: {path}")
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+
+
+def authors_splits(location: Path, task: str) -> tuple[list[str], list, list, list | None, dict[str, Path]]:
+    """``(classes, train, test, val or None, roots)`` of one task as the authors read it; samples
+    are ``(file, class index)``, ``roots`` the folder each split's class folders live in."""
+    train_rel, test_rel, val_rel = AUTHORS_FOLDERS[task]
+    if task == "GTSRB":  # train: class folders of .ppm; test: one folder and a CSV of labels
+        classes, train = image_folder(location / train_rel, (".ppm",))
+        csv_path = location / "gtsrb" / "GT-final_test.csv"
+        if not csv_path.is_file():
+            raise ConvertError(f"GTSRB test labels not found: {csv_path}")
+        import csv
+
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter=";", skipinitialspace=True))
+        test = [(location / test_rel / r["Filename"], int(r["ClassId"])) for r in rows]
+        bad = [c for _, c in test if not 0 <= c < len(classes)]
+        if bad:
+            raise ConvertError(f"{csv_path}: ClassId {bad[0]} outside the {len(classes)} training classes")
+        return classes, train, test, None, {"train": location / train_rel, "test": location / test_rel}
+    if task == "RESISC45":  # one ImageFolder, filtered by the split lists
+        folder = location / train_rel
+        keep_train = _split_list(location / "resisc45" / "resisc45-train.txt")
+        keep_test = _split_list(location / "resisc45" / "resisc45-test.txt")
+        classes, train = image_folder(folder, keep=keep_train.__contains__)
+        _, test = image_folder(folder, keep=keep_test.__contains__)
+        return classes, train, test, None, {"train": folder, "test": folder}
+    classes, train = image_folder(location / train_rel)
+    test_classes, test = image_folder(location / test_rel)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(test_classes) - set(classes))
+    if unknown:
+        raise ConvertError(f"{location / test_rel}: class folders {unknown[:5]} are not in {location / train_rel}")
+    test = [(p, index[test_classes[ci]]) for p, ci in test]
+    roots = {"train": location / train_rel, "test": location / test_rel}
+    val = None
+    if val_rel is not None:
+        val_classes, val = image_folder(location / val_rel)
+        unknown = sorted(set(val_classes) - set(classes))
+        if unknown:
+            raise ConvertError(f"{location / val_rel}: class folders {unknown[:5]} are not in {location / train_rel}")
+        val = [(p, index[val_classes[ci]]) for p, ci in val]
+        roots["val"] = location / val_rel
+    return classes, train, test, val, roots
 
 
 def authors_val_indices(n_train: int, seed: int = 0, fraction: float = VAL_FRACTION, max_val: int = MAX_VAL) -> list[int]:
@@ -114,7 +173,10 @@ def authors_val_indices(n_train: int, seed: int = 0, fraction: float = VAL_FRACT
 def _copy_split(samples: Sequence[tuple[Path, int]], classes: Sequence[str], root: Path, dest: Path,
                 desc: str) -> int:
     for path, ci in tqdm(samples, desc=desc, unit="img", file=sys.stderr, leave=False):
-        rel = path.relative_to(root / classes[ci])
+        if not path.is_file():
+            raise ConvertError(f"image listed but not found: {path}")
+        inside = root / classes[ci]
+        rel = path.relative_to(inside) if inside in path.parents else Path(path.name)
         target = dest / classes[ci] / "__".join(rel.parts)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
@@ -135,30 +197,16 @@ def convert_data(location: Path, out: Path, tasks: Sequence[str] | None, seed: i
     if unknown:
         raise ConvertError(f"--data: no folder format known for {unknown}; supported: {', '.join(AUTHORS_FOLDERS)}")
     for task in tasks:
-        train_rel, test_rel, val_rel = AUTHORS_FOLDERS[task]
-        classes, train = image_folder(location / train_rel)
-        test_classes, test = image_folder(location / test_rel)
-        unknown = sorted(set(test_classes) - set(classes))
-        if unknown:
-            raise ConvertError(f"{location / test_rel}: class folders {unknown[:5]} are not in {location / train_rel}")
-        index = {c: i for i, c in enumerate(classes)}
-        test = [(p, index[test_classes[ci]]) for p, ci in test]
-        if val_rel is not None:
-            val_classes, val = image_folder(location / val_rel)
-            unknown = sorted(set(val_classes) - set(classes))
-            if unknown:
-                raise ConvertError(f"{location / val_rel}: class folders {unknown[:5]} are not in {location / train_rel}")
-            val = [(p, index[val_classes[ci]]) for p, ci in val]
-            val_root = location / val_rel
-        else:
+        classes, train, test, val, roots = authors_splits(location, task)
+        if val is None:
             val = [train[i] for i in authors_val_indices(len(train), seed)]
-            val_root = location / train_rel
+            roots["val"] = roots["train"]
         task_out = out / task
         task_out.mkdir(parents=True)
         (task_out / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
         counts = {"classes": len(classes),
-                  "val": _copy_split(val, classes, val_root, task_out / "val", f"{task} val"),
-                  "test": _copy_split(test, classes, location / test_rel, task_out / "test", f"{task} test")}
+                  "val": _copy_split(val, classes, roots["val"], task_out / "val", f"{task} val"),
+                  "test": _copy_split(test, classes, roots["test"], task_out / "test", f"{task} test")}
         summary.data[task] = counts
 
 

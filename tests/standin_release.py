@@ -44,6 +44,9 @@ TASKS: dict[str, tuple[str, str, str | None, list[str]]] = {
     "EuroSAT": ("EuroSAT_splits/train", "EuroSAT_splits/test", "EuroSAT_splits/val",
                 ["AnnualCrop", "Forest", "Highway"]),
     "SUN397": ("sun397/train", "sun397/val", None, ["a_abbey", "a_airport", "b_bakery", "b_bar", "c_canal"]),
+    # special formats: GTSRB test images in one folder labelled by a CSV; RESISC45 one folder + split lists
+    "GTSRB": ("gtsrb/GTSRB/Training", "gtsrb/GTSRB/Final_Test/Images", None, ["00000", "00001", "00002"]),
+    "RESISC45": ("resisc45/NWPU-RESISC45", "resisc45/NWPU-RESISC45", None, ["airplane", "beach", "river"]),
 }
 
 _SRC_FILES = {
@@ -160,6 +163,9 @@ def write_authors_data(location: Path, tasks: tuple[str, ...], per_class: dict[s
         train_dir, test_dir, val_dir, classes = TASKS[task]
         pats = _patterns(ti, len(classes), size)
         n_train = (per_class or {}).get(task, 10)
+        if task in ("GTSRB", "RESISC45"):
+            _write_special(location, task, pats, n_train, ti)
+            continue
         for ci, c in enumerate(classes):
             for split_dir, n, seed in ((train_dir, n_train, 1), (test_dir, 3, 2), (val_dir, 2, 3)):
                 if split_dir is None:
@@ -167,6 +173,38 @@ def write_authors_data(location: Path, tasks: tuple[str, ...], per_class: dict[s
                 imgs = _samples(pats[ci:ci + 1], n, seed * 1000 + ti * 50 + ci)
                 for i in range(n):
                     _write_png(location / split_dir / c / f"{c}_{i:04d}.png", imgs[i])
+
+
+def _write_special(location: Path, task: str, pats: torch.Tensor, n_train: int, ti: int) -> None:
+    from PIL import Image
+
+    train_dir, test_dir, _, classes = TASKS[task]
+    if task == "GTSRB":  # .ppm training images (and a per-class CSV that is not an image), CSV-labelled test
+        rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+        for ci, c in enumerate(classes):
+            imgs = _samples(pats[ci:ci + 1], n_train + 2, 4000 + ti * 50 + ci)
+            d = location / train_dir / c
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"GT-{c}.csv").write_text("not an image\n")
+            for i in range(n_train):
+                Image.fromarray(imgs[i].permute(1, 2, 0).numpy()).save(d / f"00000_{i:05d}.ppm")
+            for i in range(2):
+                name = f"{ci:02d}{i:03d}.ppm"
+                t = location / test_dir / name
+                t.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(imgs[n_train + i].permute(1, 2, 0).numpy()).save(t)
+                rows.append(f"{name};40;40;0;0;39;39;{ci}")
+        (location / "gtsrb" / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+        return
+    train, test = [], []  # RESISC45: every image in its class folder, the split lists decide
+    for ci, c in enumerate(classes):
+        imgs = _samples(pats[ci:ci + 1], n_train + 3, 5000 + ti * 50 + ci)
+        for i in range(n_train + 3):
+            name = f"{c}_{i:03d}.jpg"
+            _write_png(location / train_dir / c / name, imgs[i])
+            (train if i < n_train else test).append(name)
+    (location / "resisc45" / "resisc45-train.txt").write_text("\n".join(train) + "\n")
+    (location / "resisc45" / "resisc45-test.txt").write_text("\n".join(test) + "\n")
 
 
 @torch.no_grad()

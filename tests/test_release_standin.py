@@ -364,3 +364,18 @@ def test_small_real_models_use_one_cpu_thread(standins):
         assert configure_cpu_threads({"device": "cpu", "checkpoint_root": str(converted), "model": "ViT-B-32"}) == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_gtsrb_and_resisc45_folders(tmp_path):
+    """The two special formats: GTSRB's CSV-labelled test folder (.ppm only in training), RESISC45's split lists."""
+    write_authors_data(tmp_path / "authors", ("GTSRB", "RESISC45"), per_class={"GTSRB": 10, "RESISC45": 10})
+    convert(tmp_path / "out", data=tmp_path / "authors", tasks=["GTSRB", "RESISC45"])
+    out = tmp_path / "out" / "data"
+    gt = release.load_task_data(out, "GTSRB", "test", 32, num_classes=3)
+    assert sorted(gt.labels.tolist()) == [0, 0, 1, 1, 2, 2]  # from the CSV's ClassId
+    assert len(list((out / "GTSRB" / "val").rglob("*.ppm"))) == 3  # int(0.1 · 30) training images
+    assert not list(out.rglob("*.csv"))
+    rs = release.load_task_data(out, "RESISC45", "test", 32, num_classes=3)
+    assert rs.labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2]  # 3 listed test images per class, interleaved
+    listed = set((tmp_path / "authors" / "resisc45" / "resisc45-test.txt").read_text().split())
+    assert {p.name for p in (out / "RESISC45" / "test").rglob("*.jpg")} == listed
