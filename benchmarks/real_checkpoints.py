@@ -4,7 +4,7 @@
     python benchmarks/real_checkpoints.py --chapters 01       # one chapter
     python benchmarks/real_checkpoints.py --skip-chapters     # only the ViT-B/32 rates (a minute)
 
-Two parts, printed as Markdown tables and written (atomically) to
+Three parts, printed as Markdown tables and written (atomically) to
 ``benchmarks/results/real_checkpoints.json``:
 
 1. **Chapters on a stand-in release.** A stand-in of the public ``tall_masks`` release (the
@@ -15,7 +15,10 @@ Two parts, printed as Markdown tables and written (atomically) to
    section being independent of the checkpoints). Reported: wall time, CPU time of the
    runner and its kernel (user + system), the share of the wall time spent in cells that
    evaluate merged models (they call one of :data:`EVALUATING`), and the slowest cells.
-2. **ViT-B/32 rates.** With a random-weight open_clip ViT-B-32 image tower (no download):
+2. **Threads on a tiny tower.** The same evaluations of the stand-in with one and with two
+   intra-op threads, alternating (why :func:`subboost.experiments.configure_cpu_threads` uses
+   one thread for small real towers).
+3. **ViT-B/32 rates.** With a random-weight open_clip ViT-B-32 image tower (no download):
    images per second of the evaluation forward pass (batch 128, ``torch.inference_mode``), the
    per-α overhead of putting θ0 + α·Δ into the tower (a merged state dict + ``load_state_dict``
    against :meth:`subboost.evaluate.Suite.load_merged`, in place; alternating, medians), and the seconds to read one
@@ -100,6 +103,36 @@ def run_chapter(chapter: str, root: Path, model: str, executed: Path, timeout: i
     return row
 
 
+def thread_counts(root: Path, model: str, repeats: int = 2) -> dict:
+    """Seconds of the same evaluations (TA and TA+SB on the stand-in's 3 tasks, 12 α values)
+    with 1 and with 2 intra-op threads, alternating, medians."""
+    from subboost import experiments as ex
+    from subboost.release import load_suite
+
+    before = torch.get_num_threads()
+    suite = load_suite(root, model, device="cpu")
+    tasks = suite.task_names
+    vectors = suite.task_vectors(tasks)
+    grid = [0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    variants = [v for v in ex.TABLE1_VARIANTS if v.label in ("TA", "TA+SB")]
+    for v in variants:  # warm-up: accuracies of the experts, data, untimed
+        ex.evaluate_variant(suite, tasks, v, vectors, alpha_grid=grid[:1])
+    times: dict[int, list[float]] = {1: [], 2: []}
+    load0 = _load()
+    try:
+        for r in range(repeats):
+            for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+                torch.set_num_threads(n)
+                t0 = time.perf_counter()
+                for v in variants:
+                    ex.evaluate_variant(suite, tasks, v, vectors, alpha_grid=grid)
+                times[n].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    med = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+    return {"seconds": med, "ratio_2_over_1": med[2] / med[1], "load_before": load0, "load_after": _load()}
+
+
 @torch.inference_mode()
 def vit_b_32_rates(batch: int = 128, repeats: int = 4) -> dict:
     import open_clip
@@ -157,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--chapters", nargs="+", default=["01", "03", "04"])
     p.add_argument("--skip-chapters", action="store_true")
+    p.add_argument("--skip-threads", action="store_true")
     p.add_argument("--skip-rates", action="store_true")
     p.add_argument("--timeout", type=int, default=3600, help="per chapter, seconds")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "real_checkpoints.json")
@@ -165,10 +199,13 @@ def main(argv: list[str] | None = None) -> int:
                                 "torch": torch.__version__, "python": platform.python_version()},
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.skip_chapters:
+        if not (args.skip_chapters and args.skip_threads):
             root, model = prepare_standin(Path(tmp))
+        if not args.skip_chapters:
             result["chapters"] = [run_chapter(ch, root, model, Path(tmp) / "executed", args.timeout)
                                   for ch in args.chapters]
+        if not args.skip_threads:
+            result["threads"] = thread_counts(root, model)
     if not args.skip_rates:
         result["vit_b_32"] = vit_b_32_rates()
     _atomic_write(args.out, json.dumps(result, indent=2))
@@ -182,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * r.get('evaluation_share', float('nan')):.0f}% | "
                   f"`{slow.get('first_line', '')}` ({slow.get('seconds', float('nan')):.0f} s) | "
                   f"{r['load_before']:.1f} / {r['load_after']:.1f} |")
+    if "threads" in result:
+        t = result["threads"]
+        print(f"\nStand-in evaluations (TA, TA+SB, 12 α, 3 tasks), load {t['load_before']:.1f}/{t['load_after']:.1f}: "
+              f"1 thread {t['seconds'][1]:.1f} s, 2 threads {t['seconds'][2]:.1f} s "
+              f"(2 threads take {t['ratio_2_over_1']:.1f}x the time of 1)")
     if "vit_b_32" in result:
         v = result["vit_b_32"]
         print(f"\nViT-B/32 image tower on this CPU ({v['threads']} threads, load {v['load_before']:.1f}/{v['load_after']:.1f}): "

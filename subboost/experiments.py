@@ -244,8 +244,8 @@ def configure_cpu_threads(params: Mapping) -> int:
 
     The zoo's matrices are tiny (≤ 256 wide): multi-threaded LAPACK and GEMM calls on them
     cost more in synchronisation than they gain, and on a busy 2-core machine a 256×64 SVD
-    was measured at 0.2-0.8 s with 2 threads versus 0.5 ms with one; a smoke chapter's
-    evaluations on a 64-wide stand-in release took 118 s with 2 threads and 5 s with one
+    was measured at 0.2-0.8 s with 2 threads versus 0.5 ms with one, and evaluations on a
+    64-wide stand-in release took 22× longer with 2 threads than with one
     (``benchmarks/real_checkpoints.py``). So one thread for the mini zoo and for real
     checkpoints whose image tower is at most ``SMALL_MODEL_WIDTH`` wide; real ViTs (768 wide
     and more) and GPUs keep torch's default. This sets torch's process-wide thread count, so
