@@ -500,7 +500,10 @@ def _probe(model: str, base_file: Path, expert_file: Path, head_files: Mapping[s
     visual = _make_visual(model)
     base = load_checkpoint(base_file, allow_pickle)
     check_architecture(base, visual, model, base_file)
-    check_architecture(load_checkpoint(expert_file, allow_pickle), visual, model, expert_file)
+    expert = load_checkpoint(expert_file, allow_pickle)
+    check_architecture(expert, visual, model, expert_file)
+    if set(expert) < set(base):  # e.g. a base saved from open_clip with its text tower
+        base = {k: base[k] for k in expert}
     width = _output_dim(visual)
     for task, w in heads.items():
         if width is not None and w.shape[1] != width:
@@ -526,6 +529,7 @@ def load_suite(
     cache_experts: bool = False,
     name: str | None = None,
     probe: bool = True,
+    base: str | Path | None = None,
 ) -> Suite:
     """A :class:`~subboost.evaluate.Suite` over public checkpoints in ``checkpoint_root``.
 
@@ -539,6 +543,11 @@ def load_suite(
     model's embedding size or whose rows do not fit the data's classes fails at once with one
     line naming the task, file or parameter. Experts are read from disk on each use unless
     ``cache_experts`` (a ViT-B-32 expert is ~350 MB).
+
+    ``base`` is a zero-shot checkpoint to use instead of the release's (the public 20-task
+    ``tall_masks`` release ships none; e.g. ``open_clip.create_model(model,
+    pretrained="openai").state_dict()`` saved with ``torch.save``). With ``probe``, a base
+    holding more than the experts (the text tower) is restricted to the experts' keys.
     """
     root = Path(checkpoint_root)
     if layout == "auto":
@@ -549,7 +558,12 @@ def load_suite(
     if not task_list:
         raise FileNotFoundError(f"no experts found under {root / model} ({layout} layout)")
     data_root = Path(data_root) if data_root is not None else root / "data"
-    base_file = base_path(root, model, layout)
+    if base is not None:
+        base_file = Path(base)
+        if not base_file.is_file():
+            raise FileNotFoundError(f"base checkpoint not found: {base_file} (parameter base)")
+    else:
+        base_file = base_path(root, model, layout)
     experts = {t: expert_path(root, model, t, layout) for t in task_list}
     heads = {t: head_path(root, model, t) for t in task_list}
     for t in task_list:

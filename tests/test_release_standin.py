@@ -380,3 +380,14 @@ def test_gtsrb_and_resisc45_folders(tmp_path):
     assert rs.labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2]  # 3 listed test images per class, interleaved
     listed = set((tmp_path / "authors" / "resisc45" / "resisc45-test.txt").read_text().split())
     assert {p.name for p in (out / "RESISC45" / "test").rglob("*.jpg")} == listed
+
+
+def test_library_takes_a_user_supplied_base(standins):
+    """The raw tall_masks release has no base; an open_clip state dict (text tower included) is accepted."""
+    s, converted = standins["tall_masks"]
+    suite = release.load_suite(s.root, MODEL, data_root=converted / "data", allow_pickle=True, device="cpu",
+                               base=s.base_file)
+    assert not any(k.startswith("transformer.") for k in suite.base_state)
+    assert suite.finetuned_accuracy("EuroSAT") == 1.0 and len(suite.task_vectors()) == 3
+    with pytest.raises(FileNotFoundError, match="parameter base"):
+        release.load_suite(s.root, MODEL, allow_pickle=True, base=s.root / "nope.pt")
