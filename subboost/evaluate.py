@@ -20,6 +20,7 @@ one reusable image tower per suite; the split tensors are cached on the suite af
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -88,6 +89,27 @@ def visual_state(state: Mapping[str, Tensor]) -> StateDict:
     return out
 
 
+def check_architecture(state: Mapping[str, Tensor], visual: torch.nn.Module, model: str, source: object = "checkpoint") -> None:
+    """``ValueError`` in one line naming ``model`` when the image-tower weights in ``state``
+    (keys ``visual.*``) do not have the keys and shapes of the architecture ``visual``."""
+    theirs = visual_state(state)
+    ours = visual.state_dict()
+    missing = [k for k in ours if k not in theirs]
+    extra = [k for k in theirs if k not in ours]
+    shapes = [k for k in ours if k in theirs and tuple(ours[k].shape) != tuple(theirs[k].shape)]
+    if not (missing or extra or shapes):
+        return
+    parts = [f"{len(x)} {what}" for x, what in ((missing, "image-tower keys missing"), (extra, "unexpected"),
+                                                 (shapes, "with other shapes")) if x]
+    if shapes:
+        k = shapes[0]
+        example = f"visual.{k}: checkpoint {tuple(theirs[k].shape)} vs model {tuple(ours[k].shape)}"
+    else:
+        example = f"visual.{(missing or extra)[0]}"
+    raise ValueError(f"model '{model}' does not match {source}: {', '.join(parts)} (e.g. {example}); set `model` to "
+                     f"the open_clip architecture the checkpoints were trained with")
+
+
 class Suite:
     """A base model, experts, heads and evaluation data behind one interface.
 
@@ -140,6 +162,7 @@ class Suite:
         self._heads: dict[str, Tensor] = {}
         self._data: dict[tuple[str, str], TaskData] = {}
         self._visual: torch.nn.Module | None = None
+        self._base_on_device: StateDict | None = None
 
     def __repr__(self) -> str:
         return f"Suite({self.name!r}, model={self.model_name!r}, tasks={len(self.task_names)}, device={self.device})"
@@ -186,7 +209,17 @@ class Suite:
             raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
         key = (task, split)
         if key not in self._data:
-            self._data[key] = self._load_data(task, split)
+            data = self._load_data(task, split)
+            rows = self.num_classes(task)
+            if len(data) and int(data.labels.min()) < 0:
+                raise ValueError(f"task '{task}' ({split}): negative label {int(data.labels.min())}")
+            if len(data) and int(data.labels.max()) >= rows:
+                raise ValueError(f"task '{task}' ({split}): label {int(data.labels.max())} but the head has only "
+                                 f"{rows} rows (classes); the data and the head belong to different tasks")
+            if data.classnames is not None and len(data.classnames) != rows:
+                raise ValueError(f"task '{task}' ({split}): the head has {rows} classes but the data names "
+                                 f"{len(data.classnames)}")
+            self._data[key] = data
         return self._data[key]
 
     def num_classes(self, task: str) -> int:
@@ -198,10 +231,40 @@ class Suite:
         """The suite's image tower with the ``visual.*`` weights of ``state`` loaded."""
         if self._visual is None:
             self._visual = self._make_visual().to(self.device).eval()
-        self._visual.load_state_dict(visual_state(state), strict=True)
+        try:
+            self._visual.load_state_dict(visual_state(state), strict=True)
+        except RuntimeError:
+            check_architecture(state, self._visual, self.model_name)
+            raise
         return self._visual
 
     @torch.no_grad()
+    def load_merged(self, delta: Mapping[str, Tensor], alpha: float) -> torch.nn.Module:
+        """The suite's image tower holding θ0 + α·Δ (image-tower part), written in place into
+        its parameters: no merged state dict is built per α (same values as
+        :func:`merged_state` + :meth:`load_visual`: float32 arithmetic, cast to the tower's dtype)."""
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha}")
+        if self._visual is None:
+            self._visual = self._make_visual().to(self.device).eval()
+        if self._base_on_device is None:
+            base = visual_state(self.base_state)
+            if set(base) != set(self._visual.state_dict()):
+                check_architecture(self.base_state, self._visual, self.model_name)
+            self._base_on_device = {k: v.to(self.device) for k, v in base.items()}
+        for key, target in self._visual.state_dict().items():
+            b = self._base_on_device[key]
+            d = delta.get(VISUAL_PREFIX + key)
+            if d is None or not target.is_floating_point():
+                target.copy_(b)
+                continue
+            if tuple(d.shape) != tuple(target.shape):
+                raise ValueError(f"shape mismatch for key '{VISUAL_PREFIX + key}': base {tuple(b.shape)} vs "
+                                 f"update {tuple(d.shape)}")
+            target.copy_((b.to(torch.float32) + alpha * d.to(self.device, torch.float32)).to(b.dtype))
+        return self._visual
+
+    @torch.inference_mode()
     def predict(self, visual: torch.nn.Module, task: str, split: str = "test") -> Tensor:
         """Predicted labels of a split with an already loaded image tower."""
         d = self.data(task, split)
@@ -272,7 +335,11 @@ def evaluate(suite: Suite, state_dict: Mapping[str, Tensor], tasks: Iterable[str
     tasks = _tasks(suite, tasks)
     # normalisers first: computing a missing one loads the expert into the shared tower
     finetuned = {t: suite.finetuned_accuracy(t, split) for t in tasks}
-    visual = suite.load_visual(state_dict)
+    return _score(suite, suite.load_visual(state_dict), tasks, split, finetuned)
+
+
+def _score(suite: Suite, visual: torch.nn.Module, tasks: Sequence[str], split: str,
+           finetuned: Mapping[str, float]) -> pd.DataFrame:
     rows = []
     for t in tasks:
         acc = float((suite.predict(visual, t, split) == suite.data(t, split).labels).float().mean())
@@ -302,8 +369,13 @@ def merged_state(suite: Suite, delta: Mapping[str, Tensor], alpha: float) -> Sta
 
 def evaluate_delta(suite: Suite, delta: Mapping[str, Tensor], alpha: float,
                    tasks: Iterable[str] | None = None, split: str = "test") -> pd.DataFrame:
-    """:func:`evaluate` of θ0 + α·Δm."""
-    return evaluate(suite, merged_state(suite, delta, alpha), tasks, split)
+    """:func:`evaluate` of θ0 + α·Δm (written into the suite's tower in place when the suite
+    offers :meth:`Suite.load_merged`)."""
+    if not callable(getattr(suite, "load_merged", None)):
+        return evaluate(suite, merged_state(suite, delta, alpha), tasks, split)
+    tasks = _tasks(suite, tasks)
+    finetuned = {t: suite.finetuned_accuracy(t, split) for t in tasks}
+    return _score(suite, suite.load_merged(delta, alpha), tasks, split, finetuned)
 
 
 def alpha_sweep(suite: Suite, delta: Mapping[str, Tensor], tasks: Iterable[str] | None = None,
@@ -328,7 +400,16 @@ def alpha_sweep(suite: Suite, delta: Mapping[str, Tensor], tasks: Iterable[str] 
 
 
 def best_alpha(sweep: pd.DataFrame, metric: str = "normalized_accuracy") -> float:
-    """α with the best mean ``metric`` over tasks in an :func:`alpha_sweep` table (ties: smallest α)."""
+    """α with the best mean ``metric`` over tasks in an :func:`alpha_sweep` table (ties: smallest α).
+
+    ``ValueError`` naming the tasks when a score is NaN (e.g. normalised accuracy of a task whose
+    fine-tuned accuracy is 0), and when the sweep is empty: NaN is never chosen or skipped."""
+    if sweep.empty:
+        raise ValueError("best_alpha: the α sweep is empty (no α or no task evaluated)")
+    if sweep[metric].isna().any():  # pandas' mean would skip them silently
+        bad = sweep.loc[sweep[metric].isna(), "task"].unique().tolist() if "task" in sweep else []
+        raise ValueError(f"best_alpha: {metric} is NaN for task(s) {bad} (a fine-tuned accuracy of 0 or a NaN "
+                         f"score); check their data and heads, α cannot be chosen")
     means = sweep.groupby("alpha", sort=True)[metric].mean()
     best = means.max()
     return float(means[means >= best - 1e-12].index.min())

@@ -247,6 +247,8 @@ class SuiteSpec:
 
             zoo_root = default_root()  # resolved here: the worker's environment may differ
         tasks = params.get("tasks")
+        if isinstance(tasks, str):
+            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
         return cls(profile=str(params.get("profile", "ci")), zoo_root=path(zoo_root),
                    checkpoint_root=path(params.get("checkpoint_root")), model=params.get("model"),
                    tasks=tuple(tasks) if tasks else None, data_root=path(params.get("data_root")),

@@ -293,33 +293,65 @@ def available_methods() -> pd.DataFrame:
 SMOKE_TASK_COUNTS = (2, 3)
 
 
+SMALL_MODEL_WIDTH = 256
+
+
+def _vision_width(params: Mapping) -> int | None:
+    """Width of the image tower of the real checkpoints named by ``params`` (``None``: unknown)."""
+    try:
+        import open_clip
+
+        from subboost.release import ensure_model_config
+
+        model = params.get("model") or "ViT-B-32"
+        ensure_model_config(params["checkpoint_root"], model)
+        return int(open_clip.get_model_config(model)["vision_cfg"]["width"])
+    except Exception:  # noqa: BLE001 -- an unknown model is reported by load_suite, with its own message
+        return None
+
+
 def configure_cpu_threads(params: Mapping) -> int:
-    """Use one intra-op thread for the mini zoo on the CPU; returns the thread count in force.
+    """Use one intra-op thread for small models on the CPU; returns the thread count in force.
 
     The zoo's matrices are tiny (≤ 256 wide): multi-threaded LAPACK and GEMM calls on them
     cost more in synchronisation than they gain, and on a busy 2-core machine a 256×64 SVD
-    was measured at 0.2-0.8 s with 2 threads versus 0.5 ms with one. Real checkpoints and
-    GPUs keep torch's default. This sets torch's process-wide thread count, so notebooks call
-    it once, at the top.
+    was measured at 0.2-0.8 s with 2 threads versus 0.5 ms with one, and evaluations on a
+    64-wide stand-in release took 22× longer with 2 threads than with one
+    (``benchmarks/real_checkpoints.py``). So one thread for the mini zoo and for real
+    checkpoints whose image tower is at most ``SMALL_MODEL_WIDTH`` wide; real ViTs (768 wide
+    and more) and GPUs keep torch's default. This sets torch's process-wide thread count, so
+    notebooks call it once, at the top.
     """
-    if params.get("device", "cpu") == "cpu" and not params.get("checkpoint_root"):
-        torch.set_num_threads(1)
+    if params.get("device", "cpu") == "cpu":
+        width = _vision_width(params) if params.get("checkpoint_root") else 0
+        if width is not None and width <= SMALL_MODEL_WIDTH:
+            torch.set_num_threads(1)
     return torch.get_num_threads()
 
 
 def load_suite_from_parameters(params: Mapping) -> Suite:
     """The suite a chapter runs on: real checkpoints when ``checkpoint_root`` is set (with
-    ``model``, optional ``data_root`` and ``tasks``), otherwise the mini zoo of ``profile``
-    (built on first use under ``zoo_root``). The suite's ``spec`` holds these parameters
+    ``model``, optional ``data_root``, ``tasks`` (a list, or comma-separated names) and
+    ``allow_pickle`` (a bool)), otherwise the mini zoo of ``profile`` (built on first use under
+    ``zoo_root``). The suite's ``spec`` holds these parameters
     (:class:`subboost.executor.SuiteSpec`), so that workers of a cluster can load it too."""
     from subboost.executor import SuiteSpec
 
     if params.get("checkpoint_root"):
         from subboost.release import load_suite
 
+        allow_pickle = params.get("allow_pickle", False)
+        if not isinstance(allow_pickle, bool):
+            raise ValueError(f"parameter 'allow_pickle': expected true or false, got {allow_pickle!r}")
+        tasks = params.get("tasks")
+        if isinstance(tasks, str):
+            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+        if tasks is not None and (not isinstance(tasks, (list, tuple)) or not tasks
+                                  or not all(isinstance(t, str) and t for t in tasks)):
+            raise ValueError(f"parameter 'tasks': expected a non-empty list of task names, got {tasks!r}")
         suite = load_suite(params["checkpoint_root"], model=params.get("model") or "ViT-B-32",
-                          tasks=params.get("tasks"), data_root=params.get("data_root"),
-                          allow_pickle=bool(params.get("allow_pickle", False)), device=params.get("device", "auto"))
+                           tasks=tasks, data_root=params.get("data_root"),
+                           allow_pickle=allow_pickle, device=params.get("device", "auto"))
     else:
         from subboost.zoo import load_suite
 

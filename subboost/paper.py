@@ -90,3 +90,26 @@ def paper_table(table: dict, columns=TASK_COUNTS, label: str = "paper") -> pd.Da
     df.columns = [f"{label} {c}" for c in columns][: df.shape[1]]
     df.index.name = "method"
     return df
+
+
+# open_clip name → how the paper writes it
+PAPER_MODELS = {"ViT-B-32": "ViT-B/32", "ViT-B-16": "ViT-B/16", "ViT-L-14": "ViT-L/14"}
+
+
+def comparable_label(paper_model: str, run_model: str | None) -> str | None:
+    """Column label for a paper table measured on ``paper_model`` (open_clip name) beside a run
+    on ``run_model``: ``"paper ViT-B/32"`` when the run used the same architecture, or when
+    ``run_model`` is ``None`` (the mini zoo, where the paper's numbers are shown for reference);
+    ``None`` (show no paper column) for any other real model."""
+    if run_model is not None and run_model != paper_model:
+        return None
+    return f"paper {PAPER_MODELS.get(paper_model, paper_model)}"
+
+
+def paper_table_for(table: dict, paper_model: str, run_model: str | None, columns=TASK_COUNTS) -> pd.DataFrame:
+    """:func:`paper_table` labelled by :func:`comparable_label`; an empty table (no columns, so
+    a join adds nothing) when the run's model is not the paper's."""
+    label = comparable_label(paper_model, run_model)
+    if label is None:
+        return pd.DataFrame(index=pd.Index([], name="method"))
+    return paper_table(table, columns, label=label)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from functools import partial
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -49,8 +48,7 @@ from subboost.io import (
     head_path,
     load_state_dict,
 )
-
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")  # torchvision's
 
 __all__ = ["load_suite", "load_head_weight", "load_task_data", "save_task_data", "read_accuracies",
            "quiet_open_clip", "LAYOUTS", "PAPER_TASKS"]
@@ -103,25 +101,72 @@ def _as_uint8(images: Tensor, size: int) -> Tensor:
     return (_clip_resize(x, size) * 255).round().to(torch.uint8)
 
 
-def _class_folders(task_dir: Path, split_dir: Path) -> list[str]:
+def _split_folders(task_dir: Path) -> list[Path]:
+    return [task_dir / s for s in ("val", "test") if (task_dir / s).is_dir()]
+
+
+def class_mapping(task_dir: str | Path) -> tuple[list[str], dict[str, int], str]:
+    """One class → head-row mapping for every split of a task in the ImageFolder layout.
+
+    Returns ``(classnames, index, source)``: ``index`` maps a class folder name to its head
+    row; ``source`` says where the order came from. The order is, in this preference:
+
+    - ``classes.txt`` in the task folder (one folder name per line, line i = head row i;
+      written by ``python -m subboost.release convert``);
+    - ``integers``: every folder name is an integer, and the integer *is* the row (``"07"``
+      → 7), whichever classes a split happens to contain;
+    - ``sorted``: the sorted names of the union of the class folders over all splits
+      (torchvision's ImageFolder order, correct only when the union holds every class).
+
+    A folder name missing from ``classes.txt`` raises ``ValueError`` naming both.
+    """
+    task_dir = Path(task_dir)
+    folders = sorted({p.name for s in _split_folders(task_dir) for p in s.iterdir() if p.is_dir()})
     listing = task_dir / "classes.txt"
-    folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     if listing.is_file():
         names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{listing}: a class name is listed twice")
         unknown = sorted(set(folders) - set(names))
         if unknown:
-            raise ValueError(f"{split_dir}: class folders {unknown[:5]} are not listed in {listing}")
-        return names
+            raise ValueError(f"{task_dir}: class folders {unknown[:5]} are not listed in {listing}")
+        return names, {n: i for i, n in enumerate(names)}, "classes.txt"
     if folders and all(f.isdigit() for f in folders):
-        return sorted(folders, key=int)
-    return folders
+        index = {f: int(f) for f in folders}
+        if len(set(index.values())) != len(index):
+            raise ValueError(f"{task_dir}: two class folders name the same integer ({folders[:5]} ...)")
+        width = max(index.values()) + 1
+        return [str(i) for i in range(width)], index, "integers"
+    return folders, {n: i for i, n in enumerate(folders)}, "sorted"
+
+
+def check_classes(task: str, head_rows: int, num_classes: int | None, max_label: int | None,
+                  source: str = "data", order: str = "") -> None:
+    """``ValueError`` naming the task and both sizes when the data's classes do not fit the head.
+
+    ``num_classes`` is the number of classes the data declares (``None``: unknown), and
+    ``max_label`` its largest label (``None``: no labels read); ``source`` names the data in the
+    message and ``order`` is :func:`class_mapping`'s source for folders. Integer-named folders
+    (``order="integers"``) may declare fewer classes than the head has rows (a split need not
+    contain the last classes)."""
+    if num_classes is not None and not (order == "integers" and num_classes <= head_rows) and num_classes != head_rows:
+        hint = (" (the class folders do not cover every class: write classes.txt listing the head's classes in "
+                "order, as `python -m subboost.release convert` does)") if order == "sorted" else ""
+        raise ValueError(f"task '{task}': the head has {head_rows} classes but the {source} names {num_classes}{hint}")
+    if max_label is not None and max_label >= head_rows:
+        raise ValueError(f"task '{task}': label {max_label} in the {source} but the head has only {head_rows} rows "
+                         f"(classes); the data and the head belong to different tasks or class orders")
 
 
 def load_task_data(data_root: str | Path, task: str, split: str, image_size: int,
-                   max_samples: int | None = None) -> TaskData:
+                   max_samples: int | None = None, num_classes: int | None = None) -> TaskData:
     """One task split from ``data_root`` in either documented layout, as uint8 images at
     ``image_size`` (CLIP's resize and centre crop when needed). ``max_samples`` keeps the
-    first N (in file order; ImageFolder files sorted per class, classes interleaved)."""
+    first N (in file order; ImageFolder files sorted per class, classes interleaved).
+
+    ImageFolder labels come from :func:`class_mapping` (the same for every split). With
+    ``num_classes`` (the head's rows), labels and class counts are checked against it
+    (:func:`check_classes`)."""
     task_dir = Path(data_root) / task
     pt = task_dir / f"{split}.pt"
     folder = task_dir / split
@@ -130,20 +175,27 @@ def load_task_data(data_root: str | Path, task: str, split: str, image_size: int
         if not isinstance(blob, Mapping) or "images" not in blob or "labels" not in blob:
             raise ValueError(f"{pt}: expected a dict with 'images' and 'labels'")
         images, labels = blob["images"], blob["labels"].long()
+        names = blob.get("classnames")
+        if num_classes is not None:
+            check_classes(task, num_classes, None if names is None else len(names),
+                          int(labels.max()) if labels.numel() else None, source=str(pt))
         if max_samples is not None:
             images, labels = images[:max_samples], labels[:max_samples]
-        names = blob.get("classnames")
         return TaskData(_as_uint8(images, image_size), labels, tuple(names) if names is not None else None)
     if folder.is_dir():
         from PIL import Image
 
-        classes = _class_folders(task_dir, folder)
-        per_class = [sorted(p for p in (folder / c).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-                     if (folder / c).is_dir() else [] for c in classes]
+        classes, index, source = class_mapping(task_dir)
+        present = sorted((p.name for p in folder.iterdir() if p.is_dir()), key=lambda n: index[n])
+        if num_classes is not None:
+            check_classes(task, num_classes, len(classes), max((index[n] for n in present), default=None),
+                          source=f"class folders of {task_dir}", order=source)
+        per_class = [(index[c], sorted(p for p in (folder / c).rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES))
+                     for c in present]
         files: list[tuple[Path, int]] = []
-        depth = max((len(f) for f in per_class), default=0)
+        depth = max((len(f) for _, f in per_class), default=0)
         for i in range(depth):  # interleave classes so that max_samples stays balanced
-            files.extend((f[i], c) for c, f in enumerate(per_class) if i < len(f))
+            files.extend((f[i], c) for c, f in per_class if i < len(f))
         if max_samples is not None:
             files = files[:max_samples]
         if not files:
@@ -156,8 +208,35 @@ def load_task_data(data_root: str | Path, task: str, split: str, image_size: int
             x = arr.view(h, w, 3).permute(2, 0, 1).unsqueeze(0)
             tensors.append(_as_uint8(x, image_size))
         labels = torch.tensor([c for _, c in files], dtype=torch.long)
+        if num_classes is not None and source == "integers":
+            classes = [str(i) for i in range(num_classes)]
         return TaskData(torch.cat(tensors), labels, tuple(classes))
     raise FileNotFoundError(f"no evaluation data for task '{task}', split '{split}': expected {pt} or {folder}/{{class}}/*.png")
+
+
+def probe_task_classes(data_root: str | Path, task: str, head_rows: int) -> None:
+    """Check a task's evaluation data against its head without decoding any image: class
+    folders through :func:`class_mapping`, ``.pt`` splits through a memory-mapped read of
+    their labels and class names. ``ValueError`` (:func:`check_classes`) on a mismatch."""
+    task_dir = Path(data_root) / task
+    if _split_folders(task_dir):
+        classes, index, source = class_mapping(task_dir)
+        labels = [index[p.name] for s in _split_folders(task_dir) for p in s.iterdir() if p.is_dir()]
+        check_classes(task, head_rows, len(classes), max(labels, default=None),
+                      source=f"class folders of {task_dir}", order=source)
+    for split in ("val", "test"):
+        pt = task_dir / f"{split}.pt"
+        if not pt.is_file():
+            continue
+        try:
+            blob = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # not a zip archive: mmap unsupported
+            blob = torch.load(pt, map_location="cpu", weights_only=True)
+        if not isinstance(blob, Mapping) or "labels" not in blob:
+            raise ValueError(f"{pt}: expected a dict with 'images' and 'labels'")
+        labels, names = blob["labels"], blob.get("classnames")
+        check_classes(task, head_rows, None if names is None else len(names),
+                      int(labels.max()) if labels.numel() else None, source=str(pt))
 
 
 def save_task_data(data_root: str | Path, task: str, split: str, images: Tensor, labels: Tensor,
@@ -188,6 +267,23 @@ def quiet_open_clip() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def ensure_model_config(checkpoint_root: str | Path, model: str) -> None:
+    """Make ``model`` known to open_clip: a built-in architecture, or a config file
+    ``{checkpoint_root}/{model}.json`` (open_clip's model-config format) registered here.
+    ``ValueError`` naming ``model`` otherwise."""
+    import open_clip
+
+    if open_clip.get_model_config(model) is not None:
+        return
+    path = Path(checkpoint_root) / f"{model}.json"
+    if path.is_file():
+        open_clip.add_model_config(path)
+        if open_clip.get_model_config(model) is not None:
+            return
+    raise ValueError(f"model '{model}' is neither an open_clip architecture (open_clip.list_models()) nor "
+                     f"described by {path}; set `model` to the architecture of the checkpoints (e.g. ViT-B-32)")
+
+
 def _make_visual(model: str) -> torch.nn.Module:
     import open_clip
 
@@ -202,6 +298,39 @@ def _image_size(visual: torch.nn.Module) -> int:
     if size is None:
         raise ValueError("cannot tell the model's input size (visual.image_size missing)")
     return int(size)
+
+
+def _output_dim(visual: torch.nn.Module) -> int | None:
+    dim = getattr(visual, "output_dim", None)
+    return int(dim) if dim is not None else None
+
+
+def _probe(model: str, base_file: Path, expert_file: Path, head_files: Mapping[str, Path], data_root: Path,
+           allow_pickle: bool) -> dict:
+    """Load every head, the base and one expert and check them against ``model`` and the data
+    (see :func:`load_suite`); returns what was loaded so that nothing is read twice."""
+    from subboost.evaluate import check_architecture
+
+    heads = {}
+    for task, path in head_files.items():
+        try:
+            heads[task] = load_head_weight(path, allow_pickle)
+        except ValueError as err:
+            raise ValueError(f"head of task '{task}': {err}") from None
+    visual = _make_visual(model)
+    base = load_state_dict(base_file, allow_pickle)
+    check_architecture(base, visual, model, base_file)
+    expert = load_state_dict(expert_file, allow_pickle)
+    check_architecture(expert, visual, model, expert_file)
+    if set(expert) < set(base):  # e.g. a base saved from open_clip with its text tower
+        base = {k: base[k] for k in expert}
+    width = _output_dim(visual)
+    for task, w in heads.items():
+        if width is not None and w.shape[1] != width:
+            raise ValueError(f"task '{task}': the head {head_files[task]} has width {w.shape[1]} but model '{model}' "
+                             f"embeds images in {width} dimensions")
+        probe_task_classes(data_root, task, int(w.shape[0]))
+    return {"heads": heads, "base": base, "visual": visual}
 
 
 def load_suite(
@@ -219,6 +348,8 @@ def load_suite(
     accuracies: Mapping[str, Mapping[str, float]] | None = None,
     cache_experts: bool = False,
     name: str | None = None,
+    probe: bool = True,
+    base: str | Path | None = None,
 ) -> Suite:
     """A :class:`~subboost.evaluate.Suite` over public checkpoints in ``checkpoint_root``.
 
@@ -226,8 +357,17 @@ def load_suite(
     registered config); ``tasks`` defaults to every task with an expert (paper order);
     ``data_root`` holds the evaluation data (layouts in the module docstring; default
     ``{checkpoint_root}/data``). Files are checked up front, so a missing checkpoint, head or
-    data folder fails here with its path. Experts are read from disk on each use unless
+    data folder fails here with its path. With ``probe`` (default) every head, the base and the
+    first expert are also loaded here, before any work starts: a pickle without
+    ``allow_pickle``, a ``model`` that does not match the weights, a head whose width is not the
+    model's embedding size or whose rows do not fit the data's classes fails at once with one
+    line naming the task, file or parameter. Experts are read from disk on each use unless
     ``cache_experts`` (a ViT-B-32 expert is ~350 MB).
+
+    ``base`` is a zero-shot checkpoint to use instead of the release's (the public 20-task
+    ``tall_masks`` release ships none; e.g. ``open_clip.create_model(model,
+    pretrained="openai").state_dict()`` saved with ``torch.save``). With ``probe``, a base
+    holding more than the experts (the text tower) is restricted to the experts' keys.
     """
     root = Path(checkpoint_root)
     if layout == "auto":
@@ -238,13 +378,22 @@ def load_suite(
     if not task_list:
         raise FileNotFoundError(f"no experts found under {root / model} ({layout} layout)")
     data_root = Path(data_root) if data_root is not None else root / "data"
-    base_file = base_path(root, model, layout)
+    if base is not None:
+        base_file = Path(base)
+        if not base_file.is_file():
+            raise FileNotFoundError(f"base checkpoint not found: {base_file} (parameter base)")
+    else:
+        base_file = base_path(root, model, layout)
     experts = {t: expert_path(root, model, t, layout) for t in task_list}
     heads = {t: head_path(root, model, t) for t in task_list}
     for t in task_list:
         d = data_root / t
         if not d.is_dir():
             raise FileNotFoundError(f"no evaluation data for task '{t}': folder {d} is missing")
+    ensure_model_config(root, model)
+    probed: dict = {}
+    if probe:
+        probed = _probe(model, base_file, experts[task_list[0]], heads, data_root, allow_pickle)
 
     acc: dict[str, dict[str, float]] = {"finetuned": {}, "zeroshot": {}}
     if recorded_accuracies:
@@ -253,7 +402,16 @@ def load_suite(
         acc.setdefault(kind, {}).update({k: float(v) for k, v in table.items()})
 
     def make_visual() -> torch.nn.Module:
-        return _make_visual(model)
+        visual = probed.pop("visual", None)
+        return visual if visual is not None else _make_visual(model)
+
+    def load_base() -> StateDict:
+        state = probed.pop("base", None)
+        return state if state is not None else load_state_dict(base_file, allow_pickle)
+
+    def load_head(task: str) -> Tensor:
+        weight = probed.get("heads", {}).pop(task, None)
+        return weight if weight is not None else load_head_weight(heads[task], allow_pickle)
 
     def image_size() -> int:
         import open_clip
@@ -265,15 +423,16 @@ def load_suite(
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
     def load_data(task: str, split: str) -> TaskData:
-        return load_task_data(data_root, task, split, image_size(), max_samples)
+        rows = int(suite.head(task).shape[0])
+        return load_task_data(data_root, task, split, image_size(), max_samples, num_classes=rows)
 
-    return Suite(
+    suite = Suite(
         name=name or f"{root.name}/{model}",
         model_name=model,
         task_names=task_list,
-        load_base=partial(load_state_dict, base_file, allow_pickle),
+        load_base=load_base,
         load_expert=lambda t: load_state_dict(experts[t], allow_pickle),
-        load_head=lambda t: load_head_weight(heads[t], allow_pickle),
+        load_head=load_head,
         load_data=load_data,
         make_visual=make_visual,
         accuracies=acc,
@@ -283,3 +442,10 @@ def load_suite(
         info={"checkpoint_root": str(root), "data_root": str(data_root), "layout": layout,
               "base_checkpoint": str(base_file)},
     )
+    return suite
+
+
+if __name__ == "__main__":
+    from subboost.convert import main
+
+    raise SystemExit(main())

@@ -107,8 +107,10 @@ def vit_b_32_release(tmp_path_factory):
 
 def test_pickled_heads_need_allow_pickle(vit_b_32_release):
     root, _ = vit_b_32_release
-    suite = load_suite(root, "ViT-B-32", device="cpu")
     assert detect_layout(root, "ViT-B-32") == "tall_masks"
+    with pytest.raises(ValueError, match="head of task 'MNIST'.*allow_pickle=True.*weights_only=False"):
+        load_suite(root, "ViT-B-32", device="cpu")  # refused before any work starts
+    suite = load_suite(root, "ViT-B-32", device="cpu", probe=False)
     assert suite.task_names == ["MNIST", "Toy"]  # the paper's order first
     with pytest.raises(ValueError, match="--allow-pickle.*allow_pickle=True"):
         suite.head("MNIST")
@@ -195,7 +197,8 @@ def test_task_vectors_layout_with_pickled_modules(tmp_path):
 def test_image_folder_class_order(tmp_path):
     _png_folder(tmp_path, "T", "val", 1, ["10", "2", "1"], 4, 0)
     d = load_task_data(tmp_path, "T", "val", image_size=4)
-    assert d.classnames == ("1", "2", "10")  # numeric order
+    assert d.labels.tolist() == [1, 2, 10]  # integer folder names are the head's rows
+    assert d.classnames == tuple(str(i) for i in range(11))
     (tmp_path / "T" / "classes.txt").write_text("2\n10\n1\n")
     d = load_task_data(tmp_path, "T", "val", image_size=4)
     assert d.classnames == ("2", "10", "1")
