@@ -423,7 +423,7 @@ def s_pi(
     mats = _as_matrices(matrices, torch.float64)
     if route == "auto":
         route = "lapack" if on_cpu and _scipy_lapack() is not None else "torch"
-    n_mat, n = len(mats), mats[0].shape[1]
+    n_mat = len(mats)
     if route == "lapack":
         total, inv_sum = _s_pi_terms_lapack(mats, pi)
     else:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from subboost.evaluate import Suite, TaskData
+from subboost.taskvector import StateDict
 from subboost.io import (
     LAYOUTS,
     PAPER_TASKS,

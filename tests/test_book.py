@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 

@@ -7,7 +7,6 @@ import itertools
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.linalg
 import torch
