@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
-from subboost.merging import METHODS, get_method, merge
+from subboost.merging import get_method, merge
 from subboost.spectral import rank_table, spectra_table
 from subboost.taskvector import StateDict
 
@@ -67,14 +67,6 @@ TABLE1_VARIANTS = (
     Variant("Consensus", "consensus", {"k": 2, "lambdas": 0.4}),
     Variant("Consensus+SB", "consensus", {"k": 2, "lambdas": 0.4}, boost_beta=0.0),
 )
-
-TABLE4_VARIANTS = (
-    Variant("TSV-M", "tsv"),
-    Variant("Iso-C", "iso-c"),
-    Variant("Iso-CTS", "iso-cts"),
-    Variant("HO-SB", "ho-sb", {"beta": 0.0}),
-)
-
 
 def task_subsets(suite: Suite, task_counts: Iterable[int]) -> dict[int, list[str]]:
     """The first N tasks of the suite's fixed order, as in the paper's 8 / 14 / 20 benchmarks."""
@@ -284,12 +276,6 @@ def iso_vs_sb_scale(delta: Mapping[str, torch.Tensor]) -> pd.DataFrame:
     return out
 
 
-def available_methods() -> pd.DataFrame:
-    """The registered merging methods with their summaries and α grids."""
-    return pd.DataFrame([dict(name=m.name, summary=m.summary, alpha_grid=f"{min(m.alpha_grid)}..{max(m.alpha_grid)}")
-                         for m in METHODS.values()])
-
-
 SMOKE_TASK_COUNTS = (2, 3)
 
 
@@ -437,7 +423,7 @@ def beside_paper(ours: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
 
 def run_benchmarks(out_dir: str | Path, sections: Sequence[str] = ("sb", "hogsvd"), quick: bool = True,
                    threads: int | None = None, device: str = "cpu", timeout_s: float = 1800) -> pd.DataFrame:
-    """Run ``benchmarks/run.py`` (issue 6: fast routes against their references at the real
+    """Run ``benchmarks/run.py`` (fast routes against their references at the real
     ViT-B/32 sizes, one run, alternating) in a fresh process and return its table.
 
     The script lives in the repository, not in the installed package: outside a checkout this

@@ -758,11 +758,6 @@ def e4_task_vectors(spec: SyntheticSpec, task_counts: Sequence[int], *, seed: in
     return merged_by_prefix(tv.task_vectors(), counts)
 
 
-def with_unique_rank(spec: SyntheticSpec, unique_rank: int | None) -> SyntheticSpec:
-    """A copy of ``spec`` with another unique rank (``None`` = dense)."""
-    return replace(spec, unique_rank=unique_rank)
-
-
 # ----------------------------------------------------------------------------- chapter 2
 
 

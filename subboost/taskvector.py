@@ -143,13 +143,6 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def check_finite(state: Mapping[str, Tensor], source: str = "state dict") -> None:
-    """Raise ``ValueError`` naming the first key with a NaN or Inf value."""
-    for key, value in state.items():
-        if value.is_floating_point() and not all_finite(value):
-            raise ValueError(f"{source}: key '{key}' contains NaN or Inf values")
-
-
 def task_vector(base: Mapping[str, Tensor], expert: Mapping[str, Tensor], name: str = "expert") -> StateDict:
     """Δ = θ_expert − θ_base over the floating-point tensors (paper Sec. 3).
 

@@ -1,4 +1,4 @@
-"""The installed ``subboost`` command (issue 7), driven as a subprocess on tiny synthetic
+"""The installed ``subboost`` command, driven as a subprocess on tiny synthetic
 checkpoints with open_clip key names; merged tensors are checked against the library."""
 
 from __future__ import annotations

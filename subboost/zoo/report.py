@@ -4,7 +4,7 @@ A zoo resembles the real one when fine-tuned ≫ zero-shot, each expert learned 
 base did not know, and merging more experts interferes (Task Arithmetic's normalised accuracy
 on the first tasks drops when more experts join the merge). :func:`expert_table` and
 :func:`interference_table` measure this; :func:`zoo_report` adds the build's own record and
-the acceptance thresholds of the zoo's design (issue 4), so that ``python -m subboost.zoo
+the acceptance thresholds of the zoo's design, so that ``python -m subboost.zoo
 report`` and the book print measured numbers, never typed ones.
 """
 
