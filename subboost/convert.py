@@ -4,8 +4,8 @@
 
 Checkpoints
     Every expert, base and head of ``{RELEASE}/{model}`` (either layout of
-    :mod:`subboost.release`) is loaded once (pickles only with ``--allow-pickle``: loading them
-    runs code from the files) and written as ``.safetensors`` under ``{NEW_ROOT}/{model}`` at
+    :mod:`subboost.release`) is loaded once (pickles only with ``--allow-pickle``, read by the restricted
+    unpickler of :mod:`subboost.io`: no code from the files runs) and written as ``.safetensors`` under ``{NEW_ROOT}/{model}`` at
     the same relative path, keys in open_clip's names; heads as ``{"weight": (C, D)}``. The
     public 20-task ``tall_masks`` release ships no zero-shot base (the authors' code takes
     open_clip's pretrained weights); pass one with ``--base FILE`` (any state dict of the same
