@@ -86,7 +86,7 @@ FINETUNE_RECIPE_ILHARCO2023 = {
 # The same paper, Sec. "Discussion" (figure of pairwise cosine similarities between the task
 # vectors of different tasks): task vectors of different tasks are close to orthogonal. The
 # values are only plotted; no number is transcribed.
-ILHARCO2023_COSINE_SOURCE = "Ilharco et al. 2023, Sec. 7 (Discussion), figure of cosine similarities between task vectors"
+ILHARCO2023_COSINE_SOURCE = 'Ilharco et al. 2023, Discussion ("similarity between task vectors"), figure of pairwise cosine similarities'
 
 # Wang, Dimitriadis et al. 2024 (TALL masks / Consensus), repository nik-dim/tall_masks, file
 # finetune.py and src/utils/args.py: the recipe of the checkpoints the paper merges (its
