@@ -104,6 +104,14 @@ CALIBRATION_COUNTS = (8, 14, 20)
 RANK_TREND_COUNTS = (4, 8, 14, 20)
 
 
+def suite_config(suite) -> dict | None:
+    """The zoo config (``config.json`` in the checkpoint root) a suite was loaded from, or None
+    (real checkpoints, stubs)."""
+    root = getattr(suite, "info", {}).get("checkpoint_root")
+    path = Path(root) / "config.json" if root else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
 def _calibration_counts(suite, counts: Sequence[int] = CALIBRATION_COUNTS) -> list[int]:
     return [n for n in counts if 2 <= n <= len(suite.task_names)]
 
