@@ -21,17 +21,16 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from subboost import calibration as C  # noqa: E402
-from subboost.checkpoints import load_state_dict  # noqa: E402
-from subboost.taskvector import apply_task_vector, task_vector  # noqa: E402
-from subboost.zoo import tasks as T  # noqa: E402
-from subboost.zoo.build import architecture, get_config, register, zoo_dir  # noqa: E402
-from subboost.zoo.model import create_model  # noqa: E402
-from subboost.zoo.train import finetune, predict, torch_settings  # noqa: E402
+from subboost import calibration as C
+from subboost.checkpoints import load_state_dict
+from subboost.taskvector import apply_task_vector, task_vector
+from subboost.zoo import tasks as T
+from subboost.zoo.build import architecture, get_config, register, zoo_dir
+from subboost.zoo.model import create_model
+from subboost.zoo.train import finetune, predict, torch_settings
 
 KEYS = {"lr": "finetune_lr", "steps": "finetune_steps", "batch": "finetune_batch", "warmup": "finetune_warmup",
         "wd": "finetune_weight_decay"}

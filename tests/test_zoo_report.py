@@ -1,8 +1,8 @@
 """The zoo report's thresholds, on a stub suite with hand-chosen accuracies."""
 
 import pandas as pd
-import torch
 import pytest
+import torch
 
 from subboost.zoo.report import ZooReport, expert_table
 
