@@ -1,7 +1,7 @@
 """The zoo's command line::
 
     python -m subboost.zoo build  --profile P [--root DIR] [--device auto|cpu|cuda] [--workers K]
-    python -m subboost.zoo report --profile P [--root DIR] [--task-counts 8 20]
+    python -m subboost.zoo report --profile P [--root DIR] [--task-counts 8 20] [--no-calibration] [--out DIR]
     python -m subboost.zoo path   --profile P [--root DIR]
 """
 
@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--device", default="auto", help="auto | cpu | cuda")
     r.add_argument("--task-counts", type=int, nargs="+", default=[8, 20], help="merge sizes (default: 8 20)")
     r.add_argument("--no-merge", action="store_true", help="skip the merging (interference) part")
+    r.add_argument("--no-calibration", action="store_true",
+                   help="skip the calibration against published real task vectors")
+    r.add_argument("--out", default=None,
+                   help="also write the calibration table as calibration.csv and calibration.md into this folder")
     p = sub.add_parser("path", help="print the folder a profile builds into")
     p.add_argument("--profile", default="ci", choices=sorted(PROFILES))
     p.add_argument("--root", default=None)
@@ -66,13 +70,22 @@ def _report(args) -> int:
         return 2
     counts = sorted(set(args.task_counts))
     rep = zoo_report(suite, folder, task_counts=counts, interference=not args.no_merge,
-                     progress=True)
+                     progress=True, calibration=not args.no_calibration)
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 3):
         print(f"zoo: {folder}\n")
         print(rep.experts.to_string(index=False), "\n")
         if rep.interference is not None:
             print(rep.interference.to_string(index=False), "\n")
         print(rep.checks().to_string(index=False))
+        if rep.calibration is not None:
+            cols = ["quantity", "published", "zoo", "status", "source"]
+            print("\ncalibration against published real CLIP ViT task vectors\n")
+            print(rep.calibration[cols].to_string(index=False, max_colwidth=60))
+    if rep.calibration is not None and args.out:
+        from subboost.zoo.report import write_calibration
+
+        for path in write_calibration(rep.calibration, args.out):
+            print(f"wrote {path}")
     return 0
 
 

@@ -112,6 +112,12 @@ PROFILES: dict[str, ZooConfig] = {
                        finetune_steps=25, finetune_batch=32, finetune_warmup=5, n_train=512, n_val=48, n_test=64),
     # all 20 tasks, ≤ 10 min on 2 CPU cores
     "ci": ZooConfig(profile="ci"),
+    # candidate v3 of "ci" (not the book's default): the experts' recipe moved toward the published
+    # one of the real checkpoints (AdamW weight decay 0.1, batch 128, 10% warm-up; Ilharco et al.
+    # 2023, the TALL-masks finetune.py) with a smaller learning rate, so that each expert moves less
+    # from its base; model, pretraining and tasks as "ci". Not yet built or measured: compare it
+    # with "ci" by `python -m subboost.zoo report --profile ci-v3` (see subboost.calibration).
+    "ci-v3": ZooConfig(profile="ci-v3", finetune_lr=2e-4, finetune_batch=128, finetune_weight_decay=0.1),
     # a larger model trained longer (meant for a GPU; also runs on CPU, slowly)
     "full": ZooConfig(profile="full", image_size=48, patch_size=8, width=256, layers=8, head_width=64, embed_dim=256,
                       text_width=256, text_layers=4, pretrain_steps=6000, pretrain_batch=256, pretrain_lr=5e-4,

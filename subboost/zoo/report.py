@@ -11,9 +11,10 @@ report`` and the book print measured numbers, never typed ones.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import pandas as pd
 
@@ -62,6 +63,7 @@ class ZooReport:
     build: dict
     experts: pd.DataFrame
     interference: pd.DataFrame | None
+    calibration: pd.DataFrame | None = None
 
     def checks(self) -> pd.DataFrame:
         """One row per target: the measured value, the target, and whether it is met."""
@@ -83,8 +85,121 @@ class ZooReport:
 
 
 def zoo_report(suite, folder: str | Path, task_counts: Sequence[int] = (8, 20),
-               interference: bool = True, progress: bool = False) -> ZooReport:
-    """The report of the zoo built in ``folder`` (its ``build.json``) loaded as ``suite``."""
+               interference: bool = True, progress: bool = False, calibration: bool = False) -> ZooReport:
+    """The report of the zoo built in ``folder`` (its ``build.json``) loaded as ``suite``.
+
+    With ``calibration`` the report adds :func:`calibration_section` (its TA merges at 8 / 14 /
+    20 tasks are those of the interference table, whose task counts then include them)."""
     build = json.loads((Path(folder) / "build.json").read_text())
-    inter = interference_table(suite, task_counts, progress=progress) if interference else None
-    return ZooReport(build=build, experts=expert_table(suite), interference=inter)
+    counts = sorted(set(task_counts) | (set(_calibration_counts(suite)) if calibration else set()))
+    inter = interference_table(suite, counts, progress=progress) if interference else None
+    calib = calibration_section(suite, build.get("config", {}), inter, progress=progress) if calibration else None
+    return ZooReport(build=build, experts=expert_table(suite), interference=inter, calibration=calib)
+
+
+# ------------------------------------------------------------------------------- calibration
+
+#: merge sizes of the calibration (paper Table 1) and of its stable-rank trend (paper Fig. 2, 7)
+CALIBRATION_COUNTS = (8, 14, 20)
+RANK_TREND_COUNTS = (4, 8, 14, 20)
+
+
+def suite_config(suite) -> dict | None:
+    """The zoo config (``config.json`` in the checkpoint root) a suite was loaded from, or None
+    (real checkpoints, stubs)."""
+    root = getattr(suite, "info", {}).get("checkpoint_root")
+    path = Path(root) / "config.json" if root else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def _calibration_counts(suite, counts: Sequence[int] = CALIBRATION_COUNTS) -> list[int]:
+    return [n for n in counts if 2 <= n <= len(suite.task_names)]
+
+
+def calibration_measurements(suite, config: Mapping | None = None, interference: pd.DataFrame | None = None,
+                             progress: bool = False) -> dict[str, float]:
+    """The zoo's values of the calibration quantities (:mod:`subboost.calibration`).
+
+    Task vectors of all tasks: pairwise cosine (mean, max over pairs), the low-rank measures of
+    every block matrix and ‖Δ‖/‖θ0‖ (mean over tasks); the accuracy each expert keeps with its
+    block matrices truncated to 10% of their size (TSV-Compress), relative to its own test
+    accuracy, mean over tasks; zero-shot, fine-tuned, TA α and TA normalised accuracy at 8 / 14
+    / 20 tasks (from ``interference`` when it has them, else merged here on the report's α
+    grid); the TA stable-rank trend over N = 4, 8, 14, 20; the expert recipe from ``config``.
+    Task counts larger than the suite are skipped.
+    """
+    from subboost import calibration as C
+    from subboost.evaluate import merged_state
+    from subboost.experiments import rank_collapse_table, reference_rows
+
+    vectors = suite.task_vectors()
+    base = suite.base_state
+    out: dict[str, float] = {}
+    pairs = C.off_diagonal(C.pairwise_cosine(vectors))
+    out["cosine_mean"], out["cosine_max"] = float(pairs.mean()), float(pairs.max())
+    out.update(C.lowrank_summary(C.block_table(base, vectors)))
+    out["relative_size"] = sum(C.relative_size(base, d) for d in vectors.values()) / len(vectors)
+    kept = []
+    for task, delta in vectors.items():
+        acc = suite.accuracy(merged_state(suite, C.truncate_task_vector(delta), 1.0), task, "test")
+        kept.append(acc / suite.finetuned_accuracy(task))
+    out["lowrank_accuracy_retained"] = sum(kept) / len(kept)
+    del vectors
+    counts = _calibration_counts(suite)
+    if counts:
+        have = set() if interference is None else set(interference[interference.method == "TA"].n_tasks)
+        ta = interference if set(counts) <= have else interference_table(suite, counts, boost_beta=None,
+                                                                            progress=progress)
+        ta = ta[ta.method == "TA"].set_index("n_tasks")
+        ref = reference_rows(suite, counts).set_index(["method", "n_tasks"])
+        for n in counts:
+            zs, ft = float(ref.loc[("Zero-shot", n), "accuracy"]), float(ref.loc[("Fine-tuned", n), "accuracy"])
+            out.update({f"zeroshot_{n}": zs, f"finetuned_{n}": ft, f"gap_{n}": ft - zs,
+                        f"alpha_ta_{n}": float(ta.loc[n, "alpha"]),
+                        f"ta_normalised_{n}": float(ta.loc[n, "normalized_accuracy"])})
+    rank_counts = _calibration_counts(suite, RANK_TREND_COUNTS)
+    if len(rank_counts) >= 2:
+        trend = C.stable_rank_trend(rank_collapse_table(suite, rank_counts))
+        out["stable_rank_share_falling"] = trend.pop("share_falling")
+        out.update(trend)
+    if config:
+        out.update(C.recipe_measurements(config))
+    return out
+
+
+def calibration_section(suite, config: Mapping | None = None, interference: pd.DataFrame | None = None,
+                        progress: bool = False, column: str = "zoo") -> pd.DataFrame:
+    """:func:`subboost.calibration.calibration_table` of the suite's measurements."""
+    from subboost.calibration import calibration_table
+
+    return calibration_table(calibration_measurements(suite, config, interference, progress), column=column)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "—"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value).replace("|", "/")
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A DataFrame as a GitHub-flavoured Markdown table (numbers to 3 significant digits)."""
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * df.shape[1]]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_calibration(table: pd.DataFrame, out_dir: str | Path, stem: str = "calibration") -> tuple[Path, Path]:
+    """Write the calibration table as ``{stem}.csv`` and ``{stem}.md`` into ``out_dir``
+    (each published atomically); returns both paths."""
+    from subboost.checkpoints import atomic_path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(markdown_table(table), encoding="utf-8")
+    return csv_path, md_path
