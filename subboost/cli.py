@@ -258,8 +258,7 @@ def _open_inputs(args: argparse.Namespace) -> Iterator[tuple[Any, list[Any], lis
             raise BadInput("give either --experts or --root/--model/--tasks, not both")
         if not args.model or not args.tasks:
             raise BadInput("--root needs --model and --tasks")
-        root_base, expert_paths = checkpoint_root_paths(args.root, args.model, args.tasks)
-        base_path = args.base or root_base
+        base_path, expert_paths = checkpoint_root_paths(args.root, args.model, args.tasks, base=args.base)
         names = list(args.names) if args.names else [t[:-3] if t.endswith("Val") else t for t in args.tasks]
     else:
         if args.base is None:

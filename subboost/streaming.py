@@ -69,12 +69,22 @@ __all__ = [
 
 def check_compatible(base: CheckpointReader, experts: Sequence[CheckpointReader], names: Sequence[str]) -> list[str]:
     """Check that every expert has the base's keys and shapes (from the headers, without
-    reading data). Returns the keys of the task vector (floating-point tensors), base order."""
+    reading data). Returns the keys of the task vector (floating-point tensors), base order.
+
+    A whole top-level module of the base that no expert has (e.g. the text tower
+    ``transformer.*`` of a base saved from open_clip, beside the authors' experts, which drop
+    it) is not part of the task vector: the merged model keeps the base's values there. Any
+    other key that an expert lacks, or an expert key the base lacks, is an error naming the
+    expert."""
     base_keys = base.keys()
     base_set = set(base_keys)
-    for reader, name in zip(experts, names):
-        keys = set(reader.keys())
-        missing = [k for k in base_keys if k not in keys]
+    expert_keys = [set(reader.keys()) for reader in experts]
+    expert_modules = {k.split(".", 1)[0] for keys in expert_keys for k in keys}
+    base_only = {k for k in base_keys if k.split(".", 1)[0] not in expert_modules}
+    if base_only == base_set:
+        base_only = set()  # nothing in common: report the mismatch below
+    for reader, name, keys in zip(experts, names, expert_keys):
+        missing = [k for k in base_keys if k not in keys and k not in base_only]
         extra = sorted(keys - base_set)
         if missing or extra:
             parts = []
@@ -84,12 +94,14 @@ def check_compatible(base: CheckpointReader, experts: Sequence[CheckpointReader]
                 parts.append(f"not in the base {extra[:3]}{' ...' if len(extra) > 3 else ''}")
             raise InputError(f"expert '{name}' ({reader.path}): keys differ from the base: " + "; ".join(parts))
         for key in base_keys:
+            if key in base_only:
+                continue
             b, e = base.info(key), reader.info(key)
             if b.shape != e.shape:
                 raise InputError(f"shape mismatch for key '{key}': base {b.shape} vs expert '{name}' {e.shape} ({reader.path})")
             if b.dtype.is_floating_point != e.dtype.is_floating_point:
                 raise InputError(f"dtype mismatch for key '{key}': base {b.dtype} vs expert '{name}' {e.dtype} ({reader.path})")
-    return [k for k in base_keys if base.info(k).dtype.is_floating_point]
+    return [k for k in base_keys if k not in base_only and base.info(k).dtype.is_floating_point]
 
 
 LOCAL_METHODS = frozenset({"ta", "average", "iso-c", "iso-cts", "tsv", "ho-sb"})

@@ -675,3 +675,35 @@ def test_python_dash_m_subboost_is_the_command(data, tmp_path):
                           "--experts", data["root"] / "Cars.safetensors", "--output", tmp_path / "o.safetensors"],
                          capture_output=True, text=True, env=ENV)
     assert_bad_input(bad, "not found", "nope.safetensors")
+
+
+def test_root_without_base_takes_base_file_with_text_tower(tmp_path):
+    """The public 20-task release ships experts (``model.*``, no text transformer) and no base:
+    without --base the one error line says so and how to provide one; a base saved from
+    open_clip (no prefix, text tower included) is accepted, the text tower kept as it is."""
+    base = clip_state_dict()
+    root = tmp_path / "release"
+    experts = {}
+    for i, task in enumerate(("Cars", "DTD")):
+        full = expert_state_dict(base, seed=i)
+        experts[task] = {k: v for k, v in full.items() if not k.startswith("transformer.")}  # as ImageEncoder
+        folder = root / "ViT-Tiny" / f"{task}Val"
+        folder.mkdir(parents=True)
+        torch.save({f"model.{k}": v for k, v in experts[task].items()}, folder / "nonlinear_finetuned.pt")
+    out = tmp_path / "merged.safetensors"
+    proc = run("merge", "--root", root, "--model", "ViT-Tiny", "--tasks", "Cars", "DTD", "--method", "ta",
+               "--alpha", "0.5", "--output", out)
+    assert_bad_input(proc, "no zero-shot base", "--base")
+    assert not out.exists()
+    torch.save(base, tmp_path / "openclip_base.pt")
+    proc = run("merge", "--root", root, "--model", "ViT-Tiny", "--tasks", "Cars", "DTD", "--method", "ta",
+               "--alpha", "0.5", "--base", tmp_path / "openclip_base.pt", "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    merged = load_file(out)
+    assert set(merged) == {k for k, v in base.items()}
+    for key, value in base.items():
+        if key in experts["Cars"] and value.is_floating_point():
+            want = value.double() + 0.5 * sum(experts[t][key].double() - value.double() for t in experts)
+            assert torch.allclose(merged[key].double(), want, atol=1e-6), key
+        else:
+            assert torch.equal(merged[key], value), key

@@ -100,7 +100,12 @@ def base_path(root: str | Path, model: str, layout: str) -> Path:
         tried = _candidates(d / "zeroshot")
         found = _first_existing(tried)
     if found is None:
-        raise CheckpointNotFound("base (zero-shot) checkpoint not found; tried: " + ", ".join(map(str, tried)))
+        hint = ""
+        if layout == "tall_masks":
+            hint = (f"; the public tall_masks releases ship no zero-shot base: save one from open_clip's pretrained "
+                    f"weights, e.g. torch.save(open_clip.create_model('{model}', pretrained='openai').state_dict(), "
+                    f"'base.pt'), and pass it (CLI --base base.pt; library base='base.pt')")
+        raise CheckpointNotFound("base (zero-shot) checkpoint not found; tried: " + ", ".join(map(str, tried)) + hint)
     return found
 
 
@@ -129,11 +134,13 @@ def head_path(root: str | Path, model: str, task: str) -> Path:
 
 
 def checkpoint_root_paths(root: str | Path, model: str, tasks: Sequence[str],
-                          layout: str = "auto") -> tuple[Path, list[Path]]:
-    """Base and expert files of ``tasks`` under a checkpoint root (layout detected)."""
+                          layout: str = "auto", base: str | Path | None = None) -> tuple[Path, list[Path]]:
+    """Base and expert files of ``tasks`` under a checkpoint root (layout detected). A given
+    ``base`` file replaces the root's base (the public 20-task release ships none)."""
     if layout == "auto":
         layout = detect_layout(root, model)
-    return base_path(root, model, layout), [expert_path(root, model, t, layout) for t in tasks]
+    experts = [expert_path(root, model, t, layout) for t in tasks]
+    return (Path(base) if base is not None else base_path(root, model, layout)), experts
 
 
 def expert_names(paths: Sequence[Path]) -> list[str]:
