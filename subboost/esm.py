@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from subboost.taskvector import (
+    work_dtype,
     LAYER_TYPES,
     StateDict,
     check_same_structure,
@@ -409,10 +410,6 @@ def polarized_factors(importance: Tensor, gamma: float, top: float) -> Tensor:
 # ====================================================================== merging
 
 
-def _work_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def essential_subspace_merge(
     task_vectors: Sequence[Mapping[str, Tensor]],
     activations: Sequence[Mapping[str, Tensor]],
@@ -476,7 +473,7 @@ def essential_subspace_merge(
     out: StateDict = {}
     gains: dict[str, list[float | None]] = {}  # key -> per-task gain (None: zero update)
     for key, ref in vectors[0].items():
-        dtype = _work_dtype(ref)
+        dtype = work_dtype(ref)
         if key not in block:
             acc = ref.to(dtype).clone()
             for tv in vectors[1:]:

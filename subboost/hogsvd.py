@@ -77,6 +77,7 @@ import torch
 from torch import Tensor
 
 from subboost.boost import boost_singular_values
+from subboost.spectral import polar_factor
 from subboost.taskvector import LAYER_TYPES, StateDict, all_finite, check_same_structure, is_zero, select_block_keys
 
 Solver = Literal["svd", "eigh"]
@@ -821,13 +822,6 @@ def random_selection(candidates: Sequence[Hashable], k: int, draws: int = 10, se
 # ---------------------------------------------------------------- Higher-Order SB (Alg. 2)
 
 
-def _polar(x: Tensor) -> Tensor:
-    """Orthogonal Procrustes: the closest matrix with orthonormal columns (or rows), P Qᵀ
-    from X = P Σ Qᵀ."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
-
-
 def ho_subspace_boost_matrix(
     matrices: Sequence[Tensor],
     beta: float = 0.0,
@@ -879,11 +873,11 @@ def ho_subspace_boost_matrix(
     r = dec.rank
     s_sum = dec.sigma[:, :r].sum(dim=0)
     if weighting == "sigma":
-        u_o = _polar(sum(u[:, :r] * s[:r].unsqueeze(0) for u, s in zip(dec.U, dec.sigma)))
-        v_o = _polar(dec.V[:, :r] * s_sum.unsqueeze(0))
+        u_o = polar_factor(sum(u[:, :r] * s[:r].unsqueeze(0) for u, s in zip(dec.U, dec.sigma)))
+        v_o = polar_factor(dec.V[:, :r] * s_sum.unsqueeze(0))
     else:
-        u_o = _polar(sum(u[:, :r] for u in dec.U))
-        v_o = _polar(dec.V[:, :r])
+        u_o = polar_factor(sum(u[:, :r] for u in dec.U))
+        v_o = polar_factor(dec.V[:, :r])
     order = torch.argsort(s_sum, descending=True, stable=True)
     s_new = torch.empty_like(s_sum)
     s_new[order] = boost_singular_values(s_sum[order], beta)

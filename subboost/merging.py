@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 
 from subboost.boost import boost_task_vector
+from subboost.spectral import polar_factor
 from subboost.taskvector import (
+    work_dtype,
     LAYER_TYPES,
     StateDict,
     check_same_structure,
@@ -83,12 +85,8 @@ def _as_list(task_vectors: Sequence[Mapping[str, Tensor]] | Mapping[str, Mapping
     return vectors
 
 
-def _work_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _sum(vectors: list[Mapping[str, Tensor]], key: str) -> Tensor:
-    acc = vectors[0][key].to(_work_dtype(vectors[0][key])).clone()
+    acc = vectors[0][key].to(work_dtype(vectors[0][key])).clone()
     for tv in vectors[1:]:
         acc += tv[key].to(acc.dtype)
     return acc
@@ -229,7 +227,7 @@ def ties(
     trimmed: dict[str, Tensor] = {}
     majority = 0.0
     for key in vectors[0]:
-        stack = torch.stack([tv[key].to(_work_dtype(tv[key])) for tv in vectors])
+        stack = torch.stack([tv[key].to(work_dtype(tv[key])) for tv in vectors])
         thr = torch.tensor(thresholds, dtype=stack.dtype).view(-1, *([1] * (stack.ndim - 1)))
         stack = torch.where(stack.abs() >= thr, stack, torch.zeros_like(stack))
         trimmed[key] = stack
@@ -260,7 +258,7 @@ def tall_masks(
         else:
             if key not in reference:
                 raise ValueError(f"tall_masks: the reference has no key '{key}'")
-            mtl = reference[key].to(_work_dtype(reference[key]))
+            mtl = reference[key].to(work_dtype(reference[key]))
         for t, tv in enumerate(vectors):
             d = tv[key].to(mtl.dtype)
             masks[t][key] = d.abs() > lams[t] * (mtl - d).abs()
@@ -360,16 +358,10 @@ def lines_scale(
             raise ValueError("LiNeS: pass a, or the task vectors to compute its default")
         a = lines_default_a(task_vectors, merged)
     scales = lines_scales(merged.keys(), a, b)
-    return {k: (v.to(_work_dtype(v)) * scales[k]).to(v.dtype) for k, v in merged.items()}
+    return {k: (v.to(work_dtype(v)) * scales[k]).to(v.dtype) for k, v in merged.items()}
 
 
 # ---------------------------------------------------------------- spectral methods
-
-
-def _polar(x: Tensor) -> Tensor:
-    """Closest matrix with orthonormal columns (orthogonal Procrustes): P Qᵀ from X = P Σ Qᵀ."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
 
 
 def _spectral_merge(
@@ -384,7 +376,7 @@ def _spectral_merge(
     for key in vectors[0]:
         dtype = vectors[0][key].dtype
         if key in keys:
-            mats = [tv[key].to(_work_dtype(tv[key])) for tv in vectors]
+            mats = [tv[key].to(work_dtype(tv[key])) for tv in vectors]
             if all(is_zero(m) for m in mats):
                 out[key] = vectors[0][key].clone()
             else:
@@ -465,7 +457,7 @@ def iso_cts(
                 ss.append(st[:per_task])
                 vs.append(vht[:per_task].T)
         big_u, big_s, big_v = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
-        return big_s.mean() * (_polar(big_u) @ _polar(big_v).T)
+        return big_s.mean() * (polar_factor(big_u) @ polar_factor(big_v).T)
 
     return _spectral_merge(_as_list(task_vectors), cts, layer_types, include_proj)
 
@@ -489,7 +481,7 @@ def tsv_merge(
             ss.append(s[:k])
             vs.append(vh[:k].T)
         big_u, big_s, big_v = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
-        return (_polar(big_u) * big_s.unsqueeze(0)) @ _polar(big_v).T
+        return (polar_factor(big_u) * big_s.unsqueeze(0)) @ polar_factor(big_v).T
 
     return _spectral_merge(_as_list(task_vectors), tsv, layer_types, include_proj)
 

@@ -48,6 +48,13 @@ def energy_rank_from_spectrum(s: Tensor, fraction: float) -> int:
     return int(hits[0].item()) + 1
 
 
+def polar_factor(x: Tensor) -> Tensor:
+    """Orthogonal Procrustes: the closest matrix with orthonormal columns (or rows), P Qᵀ
+    from the thin SVD X = P Σ Qᵀ (TSV-M's and Iso-CTS' orthogonalisation, Alg. 2's)."""
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
 def stable_rank(matrix: Tensor) -> float:
     """Stable rank ‖A‖F² / ‖A‖2² (paper Eq. 2); 0.0 for an all-zero matrix."""
     return stable_rank_from_spectrum(singular_values(matrix))

@@ -54,6 +54,7 @@ from subboost.io import (
 )
 from subboost.merging import METHODS, get_method, lines_scales
 from subboost.taskvector import (
+    work_dtype,
     all_finite,
     apply_task_vector,
     is_projection_matrix,
@@ -112,10 +113,6 @@ GLOBAL_METHODS = frozenset({"ties"})
 """Methods streamed with extra passes for their global statistics (Consensus over TIES too)."""
 
 _ELEMENTWISE = frozenset({"ta", "average", "ties", "consensus"})
-
-
-def _work_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 _PARAM_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -342,7 +339,7 @@ def _ties_statistics(plan: _Plan, top_k: float, progress: bool, trim: str = "off
 
 
 def _ties_trimmed(deltas: list[Tensor], thresholds: Sequence[float]) -> Tensor:
-    stack = torch.stack([d.to(_work_dtype(d)) for d in deltas])
+    stack = torch.stack([d.to(work_dtype(d)) for d in deltas])
     thr = torch.tensor(list(thresholds), dtype=stack.dtype, device=stack.device).view(-1, *([1] * (stack.ndim - 1)))
     return torch.where(stack.abs() >= thr, stack, torch.zeros_like(stack))
 
@@ -651,7 +648,7 @@ def stream_merge(
                 if pending is not None and pending[0] == key:
                     d = pending[1]
                     if scales is not None:
-                        d = (d.to(_work_dtype(d)) * scales[key]).to(d.dtype)
+                        d = (d.to(work_dtype(d)) * scales[key]).to(d.dtype)
                     merged = apply_task_vector({key: b}, {key: d}, float(alpha))[key]
                     pending = next(deltas, None)
                 else:
@@ -690,5 +687,5 @@ def _ta_l1(base: CheckpointReader, experts: list[CheckpointReader], names: list[
     total = 0.0
     for _, value in merged_deltas(base, experts, "ta", names=names, device=device, memory_budget=budget,
                                   progress=progress):
-        total += float(value.to(_work_dtype(value)).abs().sum())
+        total += float(value.to(work_dtype(value)).abs().sum())
     return total

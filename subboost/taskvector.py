@@ -131,6 +131,12 @@ def select_block_keys(
     return keys
 
 
+def work_dtype(t: Tensor) -> torch.dtype:
+    """The precision merges compute in: float64 for float64 inputs, else float32 (half
+    precision is never accumulated in)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def all_finite(t: Tensor) -> bool:
     """True when every entry of ``t`` is finite. Fast path: a NaN or ±Inf entry makes the sum
     NaN or ±Inf whatever the summation order, so a finite sum proves every entry finite (one

@@ -24,14 +24,9 @@ from pathlib import Path
 from typing import Sequence
 
 from subboost.io.errors import CheckpointNotFound, InputError
+from subboost.paper import PAPER_TASKS  # the paper's task order (tasks are found in it first)
 
 LAYOUTS = ("tall_masks", "task_vectors")
-PAPER_TASKS: tuple[str, ...] = (
-    "Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SVHN", "SUN397",
-    "STL10", "OxfordIIITPet", "Flowers102", "CIFAR100", "PCAM", "FER2013",
-    "CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "EMNIST", "KMNIST",
-)
-"""The 20 tasks in the paper's order (the first 8 and 14 are its smaller suites)."""
 
 SUFFIXES = (".safetensors", ".pt")
 """Checkpoint suffixes, preferred first."""
