@@ -152,6 +152,11 @@ class RayExecutor:
         self._owns = not ray.is_initialized()
         if self._owns:
             kwargs: dict[str, Any] = dict(address=address, log_to_driver=False)
+            host, _ = parse_ray_address(address)
+            if host == "localhost" or host.startswith("127."):
+                # a loopback head: this driver is on the loopback too (saves Ray's guess of
+                # the node's address, which opens a socket towards a public resolver)
+                kwargs["_node_ip_address"] = "127.0.0.1"
             if runtime_env:
                 kwargs["runtime_env"] = dict(runtime_env)
             ray.init(**kwargs)
