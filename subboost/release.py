@@ -49,6 +49,7 @@ from subboost.io import (
     head_path,
     load_state_dict,
 )
+
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")  # torchvision's
 
 __all__ = ["load_suite", "load_head_weight", "load_task_data", "save_task_data", "read_accuracies",
