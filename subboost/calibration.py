@@ -292,3 +292,17 @@ def lowrank_summary(blocks: pd.DataFrame) -> dict[str, float]:
     return {"lowrank_energy_at_10pct": float(blocks.energy_at_k.mean()),
             "rank_fraction_99": float(blocks.rank_fraction_energy.mean()),
             "relative_size_block_median": float(blocks.relative_size.median())}
+
+
+def comparison_table(measured: Mapping[str, Mapping[str, float | str]]) -> pd.DataFrame:
+    """Several suites' measurements beside the published values: one column per suite (the
+    keys of ``measured``, e.g. ``{"zoo v2": ..., "zoo v3": ...}``) and one status column per
+    suite, ``status <label>`` (as :func:`calibration_table`)."""
+    if not measured:
+        raise ValueError("comparison_table needs at least one suite's measurements")
+    out = None
+    for label, values in measured.items():
+        table = calibration_table(values, column=label).rename(columns={"status": f"status {label}"})
+        out = table if out is None else out.merge(table[["quantity", label, f"status {label}"]], on="quantity")
+    labels = list(measured)
+    return out[["quantity", "description", "published", "source", *labels, *(f"status {x}" for x in labels)]]

@@ -118,3 +118,15 @@ def test_calibration_table_status_and_sources():
     # Table 1 values come from subboost.paper, not typed here
     assert table.loc["finetuned_8", "published"] == f"{paper.TABLE1_VIT_B32['Fine-tuned'][0]:g}"
     assert C.table1_normalised("TA")[0] == pytest.approx(100 * 69.7 / 90.5)
+
+
+def test_comparison_table_has_a_column_and_a_status_per_suite():
+    table = C.comparison_table({"zoo v2": {"alpha_ta_20": 0.05, "stable_rank_share_falling": 0.7},
+                                "zoo v3": {"alpha_ta_20": 0.3}})
+    row = table.set_index("quantity").loc["alpha_ta_20"]
+    assert (row["zoo v2"], row["status zoo v2"]) == (0.05, "outside")
+    assert (row["zoo v3"], row["status zoo v3"]) == (0.3, "inside")
+    falling = table.set_index("quantity").loc["stable_rank_share_falling"]
+    assert falling["status zoo v2"] == "inside" and falling["status zoo v3"] == "not measured"
+    assert list(table.columns[-4:]) == ["zoo v2", "zoo v3", "status zoo v2", "status zoo v3"]
+    assert len(table) == len(C.published_values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 import json
 import re
 
@@ -176,6 +177,38 @@ def test_resume_after_interruption_gives_the_same_expert(smoke_zoo):
     build("smoke", root=root, device="cpu", progress=False)
     after = load_state_dict(m / f"{task}Val" / "nonlinear_finetuned.pt")
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+
+
+def test_a_zoo_differing_only_in_its_experts_shares_the_base(smoke_zoo, tmp_path):
+    """A recipe variant finds the finished zoo with the same pretraining and copies its base:
+    the base files are byte-identical, the experts follow the variant's own recipe, and a zoo
+    with other pretraining finds nothing to share."""
+    import shutil
+
+    from subboost.zoo.build import find_shared_base
+
+    root, out = smoke_zoo
+    cfg = get_config("smoke")
+    variant = replace(cfg, profile="smoke-probe", finetune_lr=cfg.finetune_lr / 2, finetune_weight_decay=0.1)
+    own_root = tmp_path / "root"
+    shutil.copytree(out, own_root / out.name)  # keep the module's zoo untouched
+    assert find_shared_base(variant, own_root) == own_root / out.name / cfg.model_name / f"{cfg.tasks[0]}Val" / \
+        "nonlinear_zeroshot.pt"
+    assert find_shared_base(get_config("smoke", pretrain_steps=cfg.pretrain_steps + 1), own_root) is None
+    lines = []
+    got = build(variant, root=own_root, device="cpu", progress=False, log=lines.append, workers=1)
+    assert any("same pretraining" in line for line in lines)
+    assert not json.loads((got / "build.json").read_text())["timings"].get("pretrain_s")
+    rel = cfg.model_name + f"/{cfg.tasks[0]}Val/nonlinear_zeroshot"
+    for suffix in (".pt", ".safetensors"):
+        assert (got / (rel + suffix)).read_bytes() == (out / (rel + suffix)).read_bytes()
+    a = load_state_dict(out / cfg.model_name / f"{cfg.tasks[0]}Val" / "nonlinear_finetuned.pt")
+    b = load_state_dict(got / cfg.model_name / f"{cfg.tasks[0]}Val" / "nonlinear_finetuned.pt")
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("visual."))
+    # heads depend on the base only: the same heads
+    head = f"head_{cfg.tasks[1]}Val.pt"
+    assert torch.equal(load_state_dict(out / cfg.model_name / head)["weight"],
+                       load_state_dict(got / cfg.model_name / head)["weight"])
 
 
 def test_prefetched_pretraining_batches_are_the_same_batches():

@@ -2,6 +2,7 @@
 
     python -m subboost.zoo build  --profile P [--root DIR] [--device auto|cpu|cuda] [--workers K]
     python -m subboost.zoo report --profile P [--root DIR] [--task-counts 8 20] [--no-calibration] [--out DIR]
+                                  [--compare OTHER]
     python -m subboost.zoo path   --profile P [--root DIR]
 """
 
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the calibration against published real task vectors")
     r.add_argument("--out", default=None,
                    help="also write the calibration table as calibration.csv and calibration.md into this folder")
+    r.add_argument("--compare", default=None, choices=sorted(PROFILES),
+                   help="also measure this (built) profile's zoo and show the calibration of both side by side")
     p = sub.add_parser("path", help="print the folder a profile builds into")
     p.add_argument("--profile", default="ci", choices=sorted(PROFILES))
     p.add_argument("--root", default=None)
@@ -68,6 +71,14 @@ def _report(args) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    other = None
+    if args.compare and not args.no_calibration:
+        try:
+            other = load_suite(get_config(args.compare), root=args.root, device=args.device, build_if_missing=False,
+                               progress=False)
+        except FileNotFoundError as err:
+            print(f"error: --compare {args.compare}: {err}", file=sys.stderr)
+            return 2
     counts = sorted(set(args.task_counts))
     rep = zoo_report(suite, folder, task_counts=counts, interference=not args.no_merge,
                      progress=True, calibration=not args.no_calibration)
@@ -81,6 +92,16 @@ def _report(args) -> int:
             cols = ["quantity", "published", "zoo", "status", "source"]
             print("\ncalibration against published real CLIP ViT task vectors\n")
             print(rep.calibration[cols].to_string(index=False, max_colwidth=60))
+    if other is not None:
+        from subboost.calibration import comparison_table
+        from subboost.zoo.report import calibration_measurements, suite_config
+
+        theirs = calibration_measurements(other, suite_config(other), progress=True)
+        ours = dict(zip(rep.calibration.quantity, rep.calibration.zoo))
+        rep.calibration = comparison_table({args.compare: theirs, args.profile: ours})
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
+            print(f"\ncalibration: {args.compare} beside {args.profile}\n")
+            print(rep.calibration.drop(columns=["description", "source"]).to_string(index=False, max_colwidth=50))
     if rep.calibration is not None and args.out:
         from subboost.zoo.report import write_calibration
 

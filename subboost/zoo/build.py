@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -118,6 +118,7 @@ PROFILES: dict[str, ZooConfig] = {
     # from its base; model, pretraining and tasks as "ci". Not yet built or measured: compare it
     # with "ci" by `python -m subboost.zoo report --profile ci-v3` (see subboost.calibration).
     "ci-v3": ZooConfig(profile="ci-v3", finetune_lr=2e-4, finetune_batch=128, finetune_weight_decay=0.1),
+    "ci-v3b": ZooConfig(profile="ci-v3b", finetune_lr=1e-4, finetune_batch=64, finetune_weight_decay=0.1),
     # a larger model trained longer (meant for a GPU; also runs on CPU, slowly)
     "full": ZooConfig(profile="full", image_size=48, patch_size=8, width=256, layers=8, head_width=64, embed_dim=256,
                       text_width=256, text_layers=4, pretrain_steps=6000, pretrain_batch=256, pretrain_lr=5e-4,
@@ -227,6 +228,56 @@ def train_expert(config: ZooConfig, out: Path, task: str, device: str = "cpu", p
     return rec
 
 
+#: config fields that only the experts depend on: zoos that differ in these alone share a base
+EXPERT_FIELDS = ("profile", "finetune_steps", "finetune_batch", "finetune_lr", "finetune_warmup",
+                 "finetune_weight_decay", "n_train")
+
+
+def pretraining_key(config: ZooConfig | Mapping) -> dict:
+    """The part of a zoo's config that determines its pretrained base (and heads and data):
+    everything but :data:`EXPERT_FIELDS`."""
+    data = config.to_json() if isinstance(config, ZooConfig) else dict(config)
+    return {k: v for k, v in data.items() if k not in EXPERT_FIELDS}
+
+
+def find_shared_base(config: ZooConfig, root: Path) -> Path | None:
+    """The base file of a finished zoo under ``root`` pretrained exactly as ``config`` asks
+    (same :func:`pretraining_key`), or None. Pretraining is seeded, so that base is the one this
+    build would train; sharing it saves the pretraining (most of a build's time) when zoos differ
+    only in their experts' recipe."""
+    if not root.is_dir():
+        return None
+    key = pretraining_key(config)
+    for other in sorted(root.iterdir()):
+        try:
+            other_cfg = json.loads((other / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if other == zoo_dir(config, root) or not (other / "build.json").is_file():
+            continue
+        if pretraining_key(other_cfg) == key:
+            candidate = other / config.model_name / f"{config.tasks[0]}Val" / "nonlinear_zeroshot.pt"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _share_base(base_file: Path, mdir: Path) -> None:
+    """Copy another zoo's base files and pretraining record into ``mdir``."""
+    import shutil
+
+    sources = [base_file, base_file.with_suffix(".safetensors"), base_file.parents[1] / "pretrain_loss.json"]
+    targets = [mdir / base_file.parent.name / base_file.name,
+               mdir / base_file.parent.name / base_file.with_suffix(".safetensors").name,
+               mdir / "pretrain_loss.json"]
+    for src, dst in zip(sources, targets):
+        if not src.is_file() or dst.is_file():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+
+
 def default_workers(device: torch.device | str) -> int:
     """Expert processes for a build: one per core (at most 2, the budgeted machine) on CPU,
     one on a GPU."""
@@ -274,6 +325,10 @@ def build(
         # ---- base
         base_file = mdir / f"{config.tasks[0]}Val" / "nonlinear_zeroshot.pt"
         model = create_model(name, architecture(config), out / "model_configs", seed=config.seed)
+        shared = None if base_file.is_file() else find_shared_base(config, out.parent)
+        if shared is not None:
+            _share_base(shared, mdir)
+            say(f"base: the same pretraining as {shared.parent.parent.parent.name}, copied from {shared}")
         if base_file.is_file():
             model.load_state_dict(load_state_dict(base_file))
             say(f"base: found {base_file}")
