@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from subboost.io import load_state_dict
 from subboost.evaluate import SuiteBase, check_split, resolve_device
+from subboost.io import load_state_dict
 from subboost.langzoo import tasks as T
 from subboost.langzoo.build import LangZooConfig, load_expert_tensors, split_inputs
 from subboost.langzoo.model import block_of, load_base
