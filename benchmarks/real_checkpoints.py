@@ -21,7 +21,7 @@ Three parts, printed as Markdown tables and written (atomically) to
 3. **ViT-B/32 rates.** With a random-weight open_clip ViT-B-32 image tower (no download):
    images per second of the evaluation forward pass (batch 128, ``torch.inference_mode``), the
    per-α overhead of putting θ0 + α·Δ into the tower (a merged state dict + ``load_state_dict``
-   against :meth:`subboost.evaluate.Suite.load_merged`, in place; alternating, medians), and the seconds to read one
+   against :meth:`subboost.evaluate.VisionSuite.load_merged`, in place; alternating, medians), and the seconds to read one
    expert from a safetensors file. A chapter's evaluation cost on real data is then
    (number of merged models × α values × validation images + test images) / that rate.
 
@@ -137,7 +137,7 @@ def vit_b_32_rates(batch: int = 128, repeats: int = 4) -> dict:
     import open_clip
     from safetensors.torch import save_file
 
-    from subboost.evaluate import Suite, merged_state, normalize_batch
+    from subboost.evaluate import VisionSuite, merged_state, normalize_batch
     from subboost.release import load_state_dict, quiet_open_clip
 
     with quiet_open_clip():
@@ -153,11 +153,11 @@ def vit_b_32_rates(batch: int = 128, repeats: int = 4) -> dict:
     fwd = sorted(times)[len(times) // 2]
     state = {f"visual.{k}": v.clone() for k, v in visual.state_dict().items()}
     delta = {k: torch.randn_like(v) * 1e-3 if v.is_floating_point() else torch.zeros_like(v) for k, v in state.items()}
-    suite = Suite(name="vit-b-32", model_name="ViT-B-32", task_names=["t"], load_base=lambda: state,
-                  load_expert=lambda t: state, load_head=lambda t: torch.zeros(2, 512), load_data=None,
-                  make_visual=lambda: visual, device="cpu")
+    suite = VisionSuite(name="vit-b-32", model_name="ViT-B-32", task_names=["t"], load_base=lambda: state,
+                        load_expert=lambda t: state, load_head=lambda t: torch.zeros(2, 512), load_data=None,
+                        make_visual=lambda: visual, device="cpu")
     routes = {"merged state dict + load_state_dict": lambda a: suite.load_visual(merged_state(suite, delta, a)),
-              "in place (Suite.load_merged)": lambda a: suite.load_merged(delta, a)}
+              "in place (VisionSuite.load_merged)": lambda a: suite.load_merged(delta, a)}
     times: dict[str, list[float]] = {k: [] for k in routes}
     for r in range(repeats):  # alternating, the order flips every repetition
         for name in (list(routes) if r % 2 == 0 else list(routes)[::-1]):

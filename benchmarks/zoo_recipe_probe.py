@@ -30,7 +30,8 @@ from subboost.taskvector import apply_task_vector, task_vector
 from subboost.zoo import tasks as T
 from subboost.zoo.build import architecture, get_config, register, zoo_dir
 from subboost.zoo.model import create_model
-from subboost.zoo.train import finetune, predict, torch_settings
+from subboost.zoo.train import finetune, predict
+from subboost.zoo_common import torch_settings
 
 KEYS = {"lr": "finetune_lr", "steps": "finetune_steps", "batch": "finetune_batch", "warmup": "finetune_warmup",
         "wd": "finetune_weight_decay"}

@@ -106,19 +106,18 @@ def _is_list_parameter(name: str) -> bool:
     return name.endswith(("task_counts", "betas", "alpha_grid", "gammas"))
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` if torch sees a GPU, else ``cpu``; ``cuda`` without a GPU raises
-    :class:`ParameterError`."""
+def _device_parameter(device: str) -> str:
+    """The ``device`` parameter resolved to ``cpu`` or ``cuda`` by
+    :func:`subboost.evaluate.resolve_device`; :class:`ParameterError` for a value outside
+    :data:`DEVICES` and for ``cuda`` without a GPU."""
     if device not in DEVICES:
         raise ParameterError("device", f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    import torch
+    from subboost.evaluate import resolve_device
 
-    has_cuda = torch.cuda.is_available()
-    if device == "auto":
-        return "cuda" if has_cuda else "cpu"
-    if device == "cuda" and not has_cuda:
-        raise ParameterError("device", "'cuda' was requested but torch sees no CUDA device here; use 'auto' or 'cpu'")
-    return device
+    try:
+        return resolve_device(device).type
+    except ValueError as err:
+        raise ParameterError("device", str(err)) from None
 
 
 def validate_parameters(**params: Any) -> dict[str, Any]:
@@ -160,7 +159,7 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
             out[name] = value
         elif name == "device":
             out["device_requested"] = value
-            out[name] = resolve_device(value)
+            out[name] = _device_parameter(value)
         elif name == "seed":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ParameterError(name, f"expected an integer ≥ 0, got {value!r}")
@@ -294,7 +293,7 @@ def provenance(profile: str, device: str, started: float | datetime) -> Provenan
     now = time.time()
     t0 = started.timestamp() if isinstance(started, datetime) else float(started)
     commit, dirty = git_commit()
-    resolved = device if device in ("cpu", "cuda") else resolve_device(device)
+    resolved = device if device in ("cpu", "cuda") else _device_parameter(device)
     name = torch.cuda.get_device_name(0) if resolved == "cuda" and torch.cuda.is_available() else ""
     return Provenance(
         commit=commit, dirty=dirty, profile=profile, device=resolved, wall_time_s=now - t0,

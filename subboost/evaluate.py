@@ -1,10 +1,17 @@
-"""Evaluation harness: one code path for the mini zoo and for real open_clip checkpoints.
+"""Evaluation: the suite interface and the papers' evaluation protocol, written once.
 
-A :class:`Suite` bundles a base model, its per-task experts, the zero-shot classification
-heads and the evaluation data (validation and test splits). It is built by
-:func:`subboost.zoo.load_suite` (the mini zoo, trained here) or
-:func:`subboost.release.load_suite` (public checkpoints on disk); everything below works on
-either.
+:class:`EvaluationSuite` is what every suite offers: task names, the base state θ0, task
+vectors, the recorded fine-tuned and zero-shot accuracies, and evaluation of a merged update:
+``load_merged(Δ, α)`` loads θ0 + α·Δ, ``predict(model, task, split)`` predicts a split's labels
+with it and ``labels(task, split)`` gives the true ones. Two classes implement it:
+
+- :class:`VisionSuite` (here): a CLIP image tower with zero-shot heads; built by
+  :func:`subboost.zoo.load_suite` (the mini zoo, trained here) and by
+  :func:`subboost.release.load_suite` (public checkpoints on disk);
+- :class:`subboost.langzoo.suite.LanguageSuite`: the language zoo.
+
+:func:`evaluate_delta`, :func:`alpha_sweep`, :func:`best_alpha` and :func:`tune_and_test` work on
+any of them.
 
 Protocol of the papers (task vectors, TIES, TALL masks, Subspace Boosting):
 
@@ -14,15 +21,16 @@ Protocol of the papers (task vectors, TIES, TALL masks, Subspace Boosting):
   accuracy over the merged tasks; ties go to the smaller α), then the merged model is
   evaluated once on the test splits (:func:`tune_and_test`).
 
-Accuracies are fractions in ``[0, 1]``. Evaluation is batched under ``torch.no_grad`` with
-one reusable image tower per suite; the split tensors are cached on the suite after first use.
+Accuracies are fractions in ``[0, 1]``. A :class:`VisionSuite` evaluates in batches under
+``torch.no_grad`` with one reusable image tower; the split tensors are cached on the suite after
+first use.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import pandas as pd
 import torch
@@ -110,8 +118,99 @@ def check_architecture(state: Mapping[str, Tensor], visual: torch.nn.Module, mod
                      f"the open_clip architecture the checkpoints were trained with")
 
 
-class Suite:
-    """A base model, experts, heads and evaluation data behind one interface.
+class EvaluationSuite(Protocol):
+    """What the experiment drivers and the evaluation protocol need from a suite of models.
+
+    ``base_state`` is θ0 and ``task_vectors(tasks)`` the Δ_task = θ_task − θ0 (default: all
+    tasks, in the order given). ``finetuned_accuracy`` and ``zeroshot_accuracy`` are the top-1
+    accuracies of a task's own expert (the normaliser of normalised accuracy) and of the base
+    model, on ``split`` (``"val"`` or ``"test"``). ``load_merged(delta, alpha)`` makes the model
+    θ0 + α·Δ (in place in a reused working copy is fine: the returned handle is only valid until
+    the next call) and ``predict(model, task, split)`` returns its predicted labels of a task's
+    split, compared with ``labels(task, split)`` (int64, same length).
+    """
+
+    task_names: list[str]
+    base_state: StateDict
+
+    def task_vectors(self, tasks: Sequence[str] | None = None) -> dict[str, StateDict]: ...
+
+    def finetuned_accuracy(self, task: str, split: str = "test") -> float: ...
+
+    def zeroshot_accuracy(self, task: str, split: str = "test") -> float: ...
+
+    def load_merged(self, delta: Mapping[str, Tensor], alpha: float) -> Any: ...
+
+    def predict(self, model: Any, task: str, split: str = "test") -> Tensor: ...
+
+    def labels(self, task: str, split: str = "test") -> Tensor: ...
+
+
+def check_split(split: str) -> None:
+    """``ValueError`` unless ``split`` is one of :data:`SPLITS`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+
+
+class SuiteBase:
+    """What :class:`VisionSuite` and the language suite share: the task check, the number of
+    classes (rows of a task's head), and the reference accuracies (fine-tuned, zero-shot) in the
+    public JSON convention (key ``Task`` = test, ``TaskVal`` = validation), recorded at build time
+    or measured on first request by the subclass's :meth:`_measure_reference`."""
+
+    name: str
+    task_names: list[str]
+    _acc: dict[str, dict[str, float]]
+
+    def head(self, task: str) -> Tensor:
+        """The ``(C, D)`` zero-shot head of ``task`` (logit scale included)."""
+        raise NotImplementedError
+
+    def _measure_reference(self, kind: str, task: str, split: str) -> float:
+        """Top-1 accuracy of the expert of ``task`` (``kind="finetuned"``) or of the base model
+        (``"zeroshot"``) on a split, for a reference accuracy not recorded."""
+        raise NotImplementedError
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.task_names:
+            raise ValueError(f"unknown task '{task}' for suite {self.name}; tasks: {', '.join(self.task_names)}")
+
+    def num_classes(self, task: str) -> int:
+        return int(self.head(task).shape[0])
+
+    def _recorded(self, kind: str, task: str, split: str) -> float:
+        self._check_task(task)
+        check_split(split)
+        key = task if split == "test" else f"{task}Val"
+        table = self._acc.setdefault(kind, {})
+        if key not in table:
+            table[key] = self._measure_reference(kind, task, split)
+        return float(table[key])
+
+    def finetuned_accuracy(self, task: str, split: str = "test") -> float:
+        """Top-1 accuracy of the task's own expert (the normaliser of normalised accuracy)."""
+        return self._recorded("finetuned", task, split)
+
+    def zeroshot_accuracy(self, task: str, split: str = "test") -> float:
+        """Top-1 accuracy of the base model with the task's zero-shot head."""
+        return self._recorded("zeroshot", task, split)
+
+    def reference(self, tasks: Sequence[str] | None = None, split: str = "test") -> pd.DataFrame:
+        """Per task: number of classes, chance, zero-shot and fine-tuned accuracy."""
+        tasks = self.task_names if tasks is None else list(tasks)
+        rows = [dict(task=t, num_classes=self.num_classes(t), chance=1.0 / self.num_classes(t),
+                     zeroshot=self.zeroshot_accuracy(t, split), finetuned=self.finetuned_accuracy(t, split))
+                for t in tasks]
+        return pd.DataFrame(rows, columns=["task", "num_classes", "chance", "zeroshot", "finetuned"])
+
+    def accuracy_records(self) -> dict[str, dict[str, float]]:
+        """Copies of the recorded accuracies in the public JSON convention."""
+        return {k: dict(v) for k, v in self._acc.items()}
+
+
+class VisionSuite(SuiteBase):
+    """A CLIP base model, experts, zero-shot heads and evaluation data: an :class:`EvaluationSuite`
+    for the mini zoo and for real open_clip checkpoints.
 
     Loading is lazy and cached per instance (no global state): the base state once, each
     expert on first use (kept when ``cache_experts``), each head and data split once.
@@ -165,13 +264,10 @@ class Suite:
         self._base_on_device: StateDict | None = None
 
     def __repr__(self) -> str:
-        return f"Suite({self.name!r}, model={self.model_name!r}, tasks={len(self.task_names)}, device={self.device})"
+        return (f"{type(self).__name__}({self.name!r}, model={self.model_name!r}, tasks={len(self.task_names)}, "
+                f"device={self.device})")
 
     # ------------------------------------------------------------ checkpoints
-
-    def _check_task(self, task: str) -> None:
-        if task not in self.task_names:
-            raise ValueError(f"unknown task '{task}' for suite {self.name}; tasks: {', '.join(self.task_names)}")
 
     @property
     def base_state(self) -> StateDict:
@@ -205,8 +301,7 @@ class Suite:
     def data(self, task: str, split: str = "test") -> TaskData:
         """A split (``val`` or ``test``) of a task's evaluation data (loaded once)."""
         self._check_task(task)
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+        check_split(split)
         key = (task, split)
         if key not in self._data:
             data = self._load_data(task, split)
@@ -221,9 +316,6 @@ class Suite:
                                  f"{len(data.classnames)}")
             self._data[key] = data
         return self._data[key]
-
-    def num_classes(self, task: str) -> int:
-        return int(self.head(task).shape[0])
 
     # ------------------------------------------------------------ evaluation
 
@@ -280,53 +372,30 @@ class Suite:
     def accuracy(self, state: Mapping[str, Tensor], task: str, split: str = "test") -> float:
         """Top-1 accuracy of the model ``state`` on one task split."""
         visual = self.load_visual(state)
-        return float((self.predict(visual, task, split) == self.data(task, split).labels).float().mean())
+        return float((self.predict(visual, task, split) == self.labels(task, split)).float().mean())
 
-    def _recorded(self, kind: str, task: str, split: str) -> float:
-        self._check_task(task)
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
-        key = task if split == "test" else f"{task}Val"
-        table = self._acc[kind]
-        if key not in table:
-            state = self.expert_state(task) if kind == "finetuned" else self.base_state
-            table[key] = self.accuracy(state, task, split)
-        return float(table[key])
+    def labels(self, task: str, split: str = "test") -> Tensor:
+        """The true labels of a split (int64)."""
+        return self.data(task, split).labels
 
-    def finetuned_accuracy(self, task: str, split: str = "test") -> float:
-        """Top-1 accuracy of the task's own expert (the normaliser of normalised accuracy)."""
-        return self._recorded("finetuned", task, split)
-
-    def zeroshot_accuracy(self, task: str, split: str = "test") -> float:
-        """Top-1 accuracy of the base model with the task's zero-shot head."""
-        return self._recorded("zeroshot", task, split)
-
-    def reference(self, tasks: Sequence[str] | None = None, split: str = "test") -> pd.DataFrame:
-        """Per task: number of classes, chance, zero-shot and fine-tuned accuracy."""
-        tasks = self.task_names if tasks is None else list(tasks)
-        rows = [dict(task=t, num_classes=self.num_classes(t), chance=1.0 / self.num_classes(t),
-                     zeroshot=self.zeroshot_accuracy(t, split), finetuned=self.finetuned_accuracy(t, split))
-                for t in tasks]
-        return pd.DataFrame(rows, columns=["task", "num_classes", "chance", "zeroshot", "finetuned"])
-
-    def accuracy_records(self) -> dict[str, dict[str, float]]:
-        """Copies of the recorded accuracies in the public JSON convention."""
-        return {k: dict(v) for k, v in self._acc.items()}
+    def _measure_reference(self, kind: str, task: str, split: str) -> float:
+        state = self.expert_state(task) if kind == "finetuned" else self.base_state
+        return self.accuracy(state, task, split)
 
 
 # ---------------------------------------------------------------- functions on suites
 
 
-def _tasks(suite: Suite, tasks: Iterable[str] | None) -> list[str]:
+def _tasks(suite: EvaluationSuite, tasks: Iterable[str] | None) -> list[str]:
     tasks = suite.task_names if tasks is None else list(tasks)
     if not tasks:
         raise ValueError("need at least one task")
     return tasks
 
 
-def evaluate(suite: Suite, state_dict: Mapping[str, Tensor], tasks: Iterable[str] | None = None,
+def evaluate(suite: VisionSuite, state_dict: Mapping[str, Tensor], tasks: Iterable[str] | None = None,
              split: str = "test") -> pd.DataFrame:
-    """Top-1 and normalised accuracy of one model on each task.
+    """Top-1 and normalised accuracy of one model (a full CLIP state dict) on each task.
 
     Returns a DataFrame with columns ``task``, ``accuracy``, ``normalized_accuracy`` (one row
     per task); the means are in ``df.attrs["mean_accuracy"]`` and
@@ -338,11 +407,12 @@ def evaluate(suite: Suite, state_dict: Mapping[str, Tensor], tasks: Iterable[str
     return _score(suite, suite.load_visual(state_dict), tasks, split, finetuned)
 
 
-def _score(suite: Suite, visual: torch.nn.Module, tasks: Sequence[str], split: str,
+def _score(suite: EvaluationSuite, model: Any, tasks: Sequence[str], split: str,
            finetuned: Mapping[str, float]) -> pd.DataFrame:
+    """The evaluation table of a loaded ``model`` (a handle from the suite's loading)."""
     rows = []
     for t in tasks:
-        acc = float((suite.predict(visual, t, split) == suite.data(t, split).labels).float().mean())
+        acc = float((suite.predict(model, t, split) == suite.labels(t, split)).float().mean())
         ft = finetuned[t]
         rows.append(dict(task=t, accuracy=acc, normalized_accuracy=acc / ft if ft > 0 else float("nan")))
     df = pd.DataFrame(rows, columns=["task", "accuracy", "normalized_accuracy"])
@@ -361,24 +431,23 @@ def _visual_only(state: Mapping[str, Tensor]) -> StateDict:
     return {k: v for k, v in state.items() if k.startswith(VISUAL_PREFIX)}
 
 
-def merged_state(suite: Suite, delta: Mapping[str, Tensor], alpha: float) -> StateDict:
+def merged_state(suite: VisionSuite, delta: Mapping[str, Tensor], alpha: float) -> StateDict:
     """θ0 + α·Δm restricted to the image tower (all that evaluation needs)."""
     base = _visual_only(suite.base_state)
     return apply_task_vector(base, _visual_only(delta), alpha)
 
 
-def evaluate_delta(suite: Suite, delta: Mapping[str, Tensor], alpha: float,
+def evaluate_delta(suite: EvaluationSuite, delta: Mapping[str, Tensor], alpha: float,
                    tasks: Iterable[str] | None = None, split: str = "test") -> pd.DataFrame:
-    """:func:`evaluate` of θ0 + α·Δm (written into the suite's tower in place when the suite
-    offers :meth:`Suite.load_merged`)."""
-    if not callable(getattr(suite, "load_merged", None)):
-        return evaluate(suite, merged_state(suite, delta, alpha), tasks, split)
+    """Top-1 and normalised accuracy of θ0 + α·Δm (``suite.load_merged``) on each task split:
+    the table of :func:`evaluate` (columns ``task``, ``accuracy``, ``normalized_accuracy``;
+    means in ``df.attrs``)."""
     tasks = _tasks(suite, tasks)
     finetuned = {t: suite.finetuned_accuracy(t, split) for t in tasks}
     return _score(suite, suite.load_merged(delta, alpha), tasks, split, finetuned)
 
 
-def alpha_sweep(suite: Suite, delta: Mapping[str, Tensor], tasks: Iterable[str] | None = None,
+def alpha_sweep(suite: EvaluationSuite, delta: Mapping[str, Tensor], tasks: Iterable[str] | None = None,
                 alphas: Sequence[float] | None = None, split: str = "val") -> pd.DataFrame:
     """Evaluate θ0 + α·Δm for each α (default 0.1 … 1.0) on a split (default validation).
 
@@ -415,13 +484,13 @@ def best_alpha(sweep: pd.DataFrame, metric: str = "normalized_accuracy") -> floa
     return float(means[means >= best - 1e-12].index.min())
 
 
-def tune_and_test(suite: Suite, delta: Mapping[str, Tensor], tasks: Iterable[str] | None = None,
+def tune_and_test(suite: EvaluationSuite, delta: Mapping[str, Tensor], tasks: Iterable[str] | None = None,
                   alphas: Sequence[float] | None = None,
                   metric: str = "normalized_accuracy") -> tuple[float, pd.DataFrame, pd.DataFrame]:
     """The papers' protocol: choose α on validation (best mean ``metric``), test once.
 
-    Returns ``(alpha, test_df, sweep_df)``: the chosen α, the :func:`evaluate` table on the test
-    splits at that α, and the validation sweep (long format).
+    Returns ``(alpha, test_df, sweep_df)``: the chosen α, the :func:`evaluate_delta` table on the
+    test splits at that α, and the validation sweep (long format).
     """
     tasks = _tasks(suite, tasks)
     sweep = alpha_sweep(suite, delta, tasks, alphas, split="val")

@@ -1,10 +1,11 @@
 """Experiment drivers shared by the book's chapters (rank collapse, results tables, ablations).
 
-A *suite* is anything that provides the zoo's interface (:class:`Suite`): the mini zoo
-(:func:`subboost.zoo.load_suite`) and real checkpoints (:func:`subboost.release.load_suite`)
-both do, so every chapter runs on either. Following the papers, each merged model gets its
-α (and LiNeS' b) chosen on the validation splits of the merged tasks, then one evaluation on
-the test splits.
+A *suite* is anything that provides the suite interface (:class:`Suite`, that is
+:class:`subboost.evaluate.EvaluationSuite`): the mini zoo (:func:`subboost.zoo.load_suite`), real
+checkpoints (:func:`subboost.release.load_suite`) and the language zoo
+(:func:`subboost.langzoo.load_suite`) all do, so every chapter runs on any of them. Following
+the papers, each merged model gets its α (and LiNeS' b) chosen on the validation splits of the
+merged tasks, then one evaluation on the test splits (:func:`subboost.evaluate.tune_and_test`).
 """
 
 from __future__ import annotations
@@ -12,31 +13,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
 from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
+from subboost.evaluate import EvaluationSuite as Suite
+from subboost.evaluate import tune_and_test
 from subboost.merging import get_method, merge
 from subboost.spectral import rank_table, spectra_table
 from subboost.taskvector import StateDict
 
 if TYPE_CHECKING:
     from subboost.executor import Executor, SuiteSpec
-
-
-class Suite(Protocol):
-    """What the experiments need from a model suite (zoo or real checkpoints)."""
-
-    task_names: list[str]
-    base_state: StateDict
-
-    def task_vectors(self, tasks: Sequence[str]) -> dict[str, StateDict]: ...
-
-    def finetuned_accuracy(self, task: str) -> float: ...
-
-    def zeroshot_accuracy(self, task: str) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -110,13 +100,6 @@ def evaluate_variant(suite: Suite, tasks: Sequence[str], variant: Variant,
     grid), lines_b, merge_seconds, per_task (DataFrame of the test evaluation). ``alpha_grid``
     overrides the variant's own grid.
     """
-    from subboost.evaluate import tune_and_test as tune_vision
-
-    own = getattr(suite, "tune_and_test", None)  # suites with their own evaluation (language zoo)
-
-    def tune_and_test(suite, delta, tasks, alphas):
-        return own(delta, tasks, alphas) if callable(own) else tune_vision(suite, delta, tasks, alphas)
-
     vectors = vectors if vectors is not None else suite.task_vectors(tasks)
     alphas = tuple(alpha_grid) if alpha_grid is not None else variant.alphas()
     best = None

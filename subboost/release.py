@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from subboost.evaluate import Suite, TaskData
+from subboost.evaluate import TaskData, VisionSuite
 from subboost.taskvector import StateDict
 from subboost.io import (
     LAYOUTS,
@@ -352,8 +352,8 @@ def load_suite(
     name: str | None = None,
     probe: bool = True,
     base: str | Path | None = None,
-) -> Suite:
-    """A :class:`~subboost.evaluate.Suite` over public checkpoints in ``checkpoint_root``.
+) -> VisionSuite:
+    """A :class:`~subboost.evaluate.VisionSuite` over public checkpoints in ``checkpoint_root``.
 
     ``model`` is an open_clip model name (``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, or a
     registered config); ``tasks`` defaults to every task with an expert (paper order);
@@ -428,7 +428,7 @@ def load_suite(
         rows = int(suite.head(task).shape[0])
         return load_task_data(data_root, task, split, image_size(), max_samples, num_classes=rows)
 
-    suite = Suite(
+    suite = VisionSuite(
         name=name or f"{root.name}/{model}",
         model_name=model,
         task_names=task_list,

@@ -7,8 +7,8 @@ import torch
 
 from subboost.evaluate import (
     DEFAULT_ALPHAS,
-    Suite,
     TaskData,
+    VisionSuite,
     alpha_sweep,
     best_alpha,
     evaluate,
@@ -43,7 +43,7 @@ def _data(points: torch.Tensor, labels: list[int]) -> TaskData:
 POINTS = torch.tensor([[1.0, 0.2], [0.9, -0.1], [0.2, 1.0], [-0.1, 0.8]])
 
 
-def _toy_suite(counter: dict | None = None, accuracies=None) -> Suite:
+def _toy_suite(counter: dict | None = None, accuracies=None) -> VisionSuite:
     base = {"visual.proj.weight": torch.eye(2), "text.w": torch.zeros(3)}
     # expert A swaps the features (learns the opposite labelling), expert B keeps identity
     experts = {"A": {"visual.proj.weight": torch.tensor([[0.0, 1.0], [1.0, 0.0]]), "text.w": torch.zeros(3)},
@@ -55,10 +55,10 @@ def _toy_suite(counter: dict | None = None, accuracies=None) -> Suite:
             counter[task] = counter.get(task, 0) + 1
         return experts[task]
 
-    return Suite(name="toy", model_name="toy", task_names=["A", "B"], load_base=lambda: base,
-                 load_expert=load_expert, load_head=lambda t: torch.eye(2) * 100.0,
-                 load_data=lambda t, s: _data(POINTS, labels[t]), make_visual=_Tower,
-                 accuracies=accuracies, device="cpu", batch_size=3)
+    return VisionSuite(name="toy", model_name="toy", task_names=["A", "B"], load_base=lambda: base,
+                       load_expert=load_expert, load_head=lambda t: torch.eye(2) * 100.0,
+                       load_data=lambda t, s: _data(POINTS, labels[t]), make_visual=_Tower,
+                       accuracies=accuracies, device="cpu", batch_size=3)
 
 
 def test_evaluate_columns_accuracy_and_normalisation():

@@ -1,7 +1,6 @@
 """Results tables: the row format and the first-tasks (interference) column, on a stub suite
 whose accuracies are set by hand."""
 
-import pandas as pd
 import pytest
 import torch
 
@@ -9,13 +8,16 @@ from subboost import experiments as ex
 
 
 class StubSuite:
-    """Three tasks; a merge of N tasks scores task t at normalised accuracy 1 − 0.1·(N − 1)
-    on the first task and 0.9 elsewhere; the experts' own accuracy is 0.8, zero-shot 0.4."""
+    """Three tasks, each of 100 examples labelled 0; a merge of N tasks (TA: Δm = Σ Δi = N·1)
+    scores task t at normalised accuracy 1 − 0.1·(N − 1) on the first task and 0.9 elsewhere;
+    the experts' own accuracy is 0.8, zero-shot 0.4. It implements the suite interface
+    (:class:`subboost.evaluate.EvaluationSuite`) with hand-set predictions."""
 
     task_names = ["A", "B", "C"]
+    base_state = {"w": torch.zeros(2, 2)}
 
-    def task_vectors(self, tasks):
-        return {t: {"w": torch.ones(2, 2) * (i + 1)} for i, t in enumerate(tasks)}
+    def task_vectors(self, tasks=None):
+        return {t: {"w": torch.ones(2, 2)} for t in (tasks or self.task_names)}
 
     def finetuned_accuracy(self, task, split="test"):
         return 0.8
@@ -23,12 +25,17 @@ class StubSuite:
     def zeroshot_accuracy(self, task, split="test"):
         return 0.4
 
-    def tune_and_test(self, delta, tasks, alphas):
-        n = len(tasks)
-        norm = [1 - 0.1 * (n - 1) if t == "A" else 0.9 for t in tasks]
-        test = pd.DataFrame(dict(task=list(tasks), accuracy=[0.8 * x for x in norm], normalized_accuracy=norm))
-        sweep = pd.DataFrame(dict(alpha=[alphas[0]] * n, task=list(tasks), normalized_accuracy=norm))
-        return alphas[0], test, sweep
+    def load_merged(self, delta, alpha):
+        return round(float(delta["w"][0, 0]))  # the number of tasks merged
+
+    def labels(self, task, split="test"):
+        return torch.zeros(100, dtype=torch.long)
+
+    def predict(self, n, task, split="test"):
+        norm = 1 - 0.1 * (n - 1) if task == "A" else 0.9
+        out = torch.zeros(100, dtype=torch.long)
+        out[:round(100 * (1 - 0.8 * norm))] = 1  # wrong predictions
+        return out
 
 
 def test_results_table_first_tasks_column():

@@ -250,7 +250,6 @@ def test_smoke_build_end_to_end(tmp_path):
     assert alpha in (0.5, 1.0)
     assert list(test.columns) == ["task", "accuracy", "normalized_accuracy"]
     assert list(sweep.columns) == ["alpha", "task", "accuracy", "normalized_accuracy"] and len(sweep) == 6
-    assert suite.tune_and_test(delta, suite.task_names, [0.5, 1.0])[0] == alpha
     ranks = rank_table(merge(vectors, "ta"))
     assert len(ranks) == 6 * cfg.trained_blocks and ranks.sublayer.str.contains("attention.self.query").any()
     with pytest.raises(ValueError, match="outside the encoder blocks"):

@@ -341,7 +341,7 @@ def test_smoke_chapter_on_the_standin(standins, layout, tmp_path):
 
 
 def test_in_place_merge_matches_the_merged_state_dict(standins):
-    """Suite.load_merged (in place, per α) against θ0 + α·Δ built by apply_task_vector."""
+    """VisionSuite.load_merged (in place, per α) against θ0 + α·Δ built by apply_task_vector."""
     from subboost.evaluate import merged_state
 
     _, converted = standins["task_vectors"]

@@ -17,7 +17,8 @@ Command line: ``python -m subboost.langzoo build --profile ci [--root DIR] [--de
 Modules: :mod:`~subboost.langzoo.tasks` (the tasks and splits), :mod:`~subboost.langzoo.model`
 (base model, pooling, heads, split forward), :mod:`~subboost.langzoo.train` (fine-tuning),
 :mod:`~subboost.langzoo.build` (profiles, cache, build), :mod:`~subboost.langzoo.suite` (the suite,
-evaluation, α tuning), :mod:`~subboost.langzoo.experiments` (results tables on the suite).
+an :class:`~subboost.evaluate.EvaluationSuite`), :mod:`~subboost.langzoo.experiments` (results tables
+on the suite). Evaluation and α tuning are :mod:`subboost.evaluate`'s, re-exported here.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from subboost.langzoo.build import (
     zoo_dir,
 )
 from subboost.langzoo.model import PACKAGE, BaseModelMissing, load_base, model_dir
-from subboost.langzoo.suite import LanguageSuite, alpha_sweep, evaluate_delta, tune_and_test
+from subboost.evaluate import alpha_sweep, evaluate_delta, tune_and_test  # the one protocol, re-exported
+from subboost.langzoo.suite import LanguageSuite
 from subboost.langzoo.tasks import TASK_NAMES, TASKS, TaskSpec, TextSplit, generate, get_task
 
 __all__ = [

@@ -42,8 +42,8 @@ from subboost.langzoo.model import (
     num_blocks,
     tokenize,
 )
-from subboost.langzoo.train import block_state, finetune, predict, torch_settings
-from subboost.zoo.build import HashedConfig, _write_json, default_root  # shared with the vision zoo
+from subboost.langzoo.train import block_state, finetune, predict
+from subboost.zoo_common import HashedConfig, default_root, torch_settings, write_json
 
 LANGZOO_FORMAT = 3  # bump when the generated data or the training code change the results
 DIR_PREFIX = "lang"
@@ -162,7 +162,7 @@ def build(
         model, tokenizer = load_base()
         first = first_trained_block(config, num_blocks(model))
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", config.to_json())
+        write_json(out / "config.json", config.to_json())
         blocks = model.encoder.layer[first:]
         ft_acc: dict[str, float] = {}
         zs_acc: dict[str, float] = {}
@@ -173,7 +173,7 @@ def build(
             head = build_head(model, tokenizer, spec.descriptions, config.logit_scale, config.max_length)
             save_state_dict({"weight": head}, out / "heads" / f"{task}.safetensors")
             splits = T.generate(task, config.seed, config.n_train, config.n_val, config.n_test)
-            _write_json(out / "data" / f"{task}.json", {s: splits[s].to_json() for s in ("val", "test")})
+            write_json(out / "data" / f"{task}.json", {s: splits[s].to_json() for s in ("val", "test")})
             expert_file = out / "experts" / f"{task}.safetensors"
             record_file = out / "experts" / f"{task}.json"
             if expert_file.is_file() and record_file.is_file():
@@ -197,7 +197,7 @@ def build(
                     rec[f"zeroshot:{key}"] = float((predict(blocks, h, m, head) == y).float().mean())
                     rec[f"finetuned:{key}"] = float((predict(trained, h, m, head) == y).float().mean())
                 rec["seconds"] = time.perf_counter() - t0
-                _write_json(record_file, rec)
+                write_json(record_file, rec)
             for k, v in rec.items():
                 if k.startswith("zeroshot:"):
                     zs_acc[k.split(":", 1)[1]] = v
@@ -205,7 +205,7 @@ def build(
                     ft_acc[k.split(":", 1)[1]] = v
             say(f"{task:10s} zero-shot {rec[f'zeroshot:{task}']:.3f}  fine-tuned {rec[f'finetuned:{task}']:.3f}"
                 f"  ({rec.get('seconds', 0):.0f}s)")
-        _write_json(out / "accuracies.json", {"finetuned": ft_acc, "zeroshot": zs_acc})
+        write_json(out / "accuracies.json", {"finetuned": ft_acc, "zeroshot": zs_acc})
         summary = {
             "config": config.to_json(), "timings": {"total_s": time.perf_counter() - start},
             "trained_parameters": sum(v.numel() for v in block_state(blocks, first).values()),
@@ -215,7 +215,7 @@ def build(
             "mean_zeroshot_test": sum(zs_acc[t] for t in config.tasks) / len(config.tasks),
             "mean_finetuned_test": sum(ft_acc[t] for t in config.tasks) / len(config.tasks),
         }
-    _write_json(out / "build.json", summary)
+    write_json(out / "build.json", summary)
     return out
 
 

@@ -1,7 +1,7 @@
 """Results tables on the language suite (the chapter's Table 2 analogue).
 
 :func:`results_table` is that of :mod:`subboost.experiments` (whose :func:`evaluate_variant`
-tunes α with the suite's own ``tune_and_test``, as the language suite has one), plus the
+tunes α with :func:`subboost.evaluate.tune_and_test`, as for the vision suites), plus the
 per-task accuracies; merging, LiNeS' b selection on validation, the reference rows and the row
 format are unchanged.
 """
@@ -32,8 +32,8 @@ TABLE2_VARIANTS = (
 PAPER_ROW_FOR = {"SB": "TA+LiNeS+SB"}  # TABLE2_T5 label -> our row
 
 
-#: :func:`subboost.experiments.evaluate_variant` already tunes α with the suite's own
-#: ``tune_and_test`` when it has one (the language suite does)
+#: one merged model: :func:`subboost.experiments.evaluate_variant` (the protocol of
+#: :mod:`subboost.evaluate`, which the language suite implements)
 evaluate_variant = ex.evaluate_variant
 
 

@@ -1,10 +1,11 @@
-"""The language zoo as a suite for the experiment drivers, and its evaluation protocol.
+"""The language zoo as an :class:`subboost.evaluate.EvaluationSuite`.
 
-:class:`LanguageSuite` offers what :class:`subboost.experiments.Suite` asks for
+:class:`LanguageSuite` offers what the experiment drivers and the evaluation protocol ask for
 (``task_names``, ``base_state``, ``task_vectors``, ``finetuned_accuracy``,
-``zeroshot_accuracy``) plus evaluation: :func:`tune_and_test` here follows the same protocol and
-return convention as :func:`subboost.evaluate.tune_and_test` (α chosen on validation by the
-best mean normalised accuracy, ties to the smaller α, then one test evaluation).
+``zeroshot_accuracy``, ``load_merged``, ``predict``, ``labels``), so that
+:func:`subboost.evaluate.evaluate_delta`, :func:`~subboost.evaluate.alpha_sweep` and
+:func:`~subboost.evaluate.tune_and_test` (α chosen on validation by the best mean normalised
+accuracy, ties to the smaller α, then one test evaluation) run on it as on the vision suites.
 
 Task vectors hold the tensors the experts train (the top encoder blocks); every other tensor
 of an expert equals the base's, so its Δ is zero and is left out, as the public CLIP task
@@ -18,24 +19,30 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor
 
+from subboost.evaluate import SuiteBase, check_split, resolve_device
 from subboost.io import load_state_dict
-from subboost.evaluate import DEFAULT_ALPHAS, best_alpha, resolve_device
 from subboost.langzoo import tasks as T
 from subboost.langzoo.build import LangZooConfig, load_expert_tensors, split_inputs
 from subboost.langzoo.model import block_of, load_base
 from subboost.langzoo.train import predict
 from subboost.taskvector import StateDict, is_zero, task_vector
 
-SPLITS = ("val", "test")
 
 
-class LanguageSuite:
+class LoadedBlocks(NamedTuple):
+    """The encoder blocks ``first..`` of a merged model, loaded by :meth:`LanguageSuite.load_blocks`."""
+
+    blocks: torch.nn.ModuleList
+    first: int
+
+
+class LanguageSuite(SuiteBase):
     """A built language zoo: base (from the package), experts, heads and evaluation splits.
 
     Loading is lazy and cached per instance: the base model once, each expert's tensors, head
@@ -70,10 +77,6 @@ class LanguageSuite:
                 f"trained blocks={self.config.trained_blocks}, device={self.device})")
 
     # ------------------------------------------------------------ checkpoints
-
-    def _check_task(self, task: str) -> None:
-        if task not in self.task_names:
-            raise ValueError(f"unknown task '{task}' for suite {self.name}; tasks: {', '.join(self.task_names)}")
 
     def _ensure_model(self) -> None:
         if self._model is None:
@@ -124,17 +127,13 @@ class LanguageSuite:
             self._heads[task] = load_state_dict(self.folder / "heads" / f"{task}.safetensors")["weight"].float()
         return self._heads[task]
 
-    def num_classes(self, task: str) -> int:
-        return int(self.head(task).shape[0])
-
     def data(self, task: str, split: str = "test") -> T.TextSplit:
         """A split (``val`` or ``test``) of a task: sentences, labels, class names."""
         self._check_task(task)
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+        check_split(split)
         if (task, split) not in self._data:
             saved = json.loads((self.folder / "data" / f"{task}.json").read_text())
-            for s in SPLITS:
+            for s in ("val", "test"):
                 self._data[(task, s)] = T.TextSplit.from_json(saved[s])
         return self._data[(task, split)]
 
@@ -167,7 +166,7 @@ class LanguageSuite:
         return first
 
     def load_blocks(self, update: Mapping[str, Tensor], alpha: float = 1.0, first: int | None = None
-                    ) -> tuple[torch.nn.ModuleList, int]:
+                    ) -> LoadedBlocks:
         """Encoder blocks ``first..`` with weights θ0 + α·update (a reused working copy) and ``first``."""
         first = self.first_block(update) if first is None else int(first)
         n = len(self.model.encoder.layer)
@@ -183,112 +182,36 @@ class LanguageSuite:
                     if key in update:
                         value = value + float(alpha) * update[key].to(torch.float32)
                     p.copy_(value.to(self.device))
-        return self._work[first:], first
+        return LoadedBlocks(self._work[first:], first)
+
+    def load_merged(self, delta: Mapping[str, Tensor], alpha: float) -> LoadedBlocks:
+        """θ0 + α·Δ: the blocks from the lowest one Δ changes up (:meth:`load_blocks`)."""
+        return self.load_blocks(delta, alpha)
 
     @torch.no_grad()
-    def predict(self, blocks: torch.nn.ModuleList, first: int, task: str, split: str = "test") -> Tensor:
-        """Predicted labels of a split with blocks loaded by :meth:`load_blocks`."""
-        hidden, mask = self.hidden(task, split, first)
-        return predict(blocks, hidden, mask, self.head(task), batch_size=self.batch_size, device=self.device)
+    def predict(self, model: LoadedBlocks, task: str, split: str = "test") -> Tensor:
+        """Predicted labels of a split with blocks loaded by :meth:`load_merged`."""
+        hidden, mask = self.hidden(task, split, model.first)
+        return predict(model.blocks, hidden, mask, self.head(task), batch_size=self.batch_size, device=self.device)
+
+    def labels(self, task: str, split: str = "test") -> Tensor:
+        """The true labels of a split (int64)."""
+        return torch.tensor(self.data(task, split).labels)
 
     def accuracy_of_update(self, update: Mapping[str, Tensor], task: str, split: str = "test",
                            alpha: float = 1.0) -> float:
         """Top-1 accuracy of θ0 + α·update on one task split."""
-        blocks, first = self.load_blocks(update, alpha)
-        labels = torch.tensor(self.data(task, split).labels)
-        return float((self.predict(blocks, first, task, split) == labels).float().mean())
+        model = self.load_blocks(update, alpha)
+        return float((self.predict(model, task, split) == self.labels(task, split)).float().mean())
 
-    def _recorded(self, kind: str, task: str, split: str) -> float:
-        self._check_task(task)
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
-        key = task if split == "test" else f"{task}Val"
-        table = self._acc.setdefault(kind, {})
-        if key not in table:
-            update = self.task_vectors([task])[task] if kind == "finetuned" else {}
-            table[key] = self.accuracy_of_update(update, task, split)
-        return float(table[key])
-
-    def finetuned_accuracy(self, task: str, split: str = "test") -> float:
-        """Top-1 accuracy of the task's own expert (recorded at build time)."""
-        return self._recorded("finetuned", task, split)
-
-    def zeroshot_accuracy(self, task: str, split: str = "test") -> float:
-        """Top-1 accuracy of the base model with the task's zero-shot head (recorded at build time)."""
-        return self._recorded("zeroshot", task, split)
+    def _measure_reference(self, kind: str, task: str, split: str) -> float:
+        update = self.task_vectors([task])[task] if kind == "finetuned" else {}
+        return self.accuracy_of_update(update, task, split)
 
     def reference(self, tasks: Sequence[str] | None = None, split: str = "test") -> pd.DataFrame:
         """Per task: classes, chance, zero-shot and fine-tuned accuracy, what decides the class."""
         tasks = self.task_names if tasks is None else list(tasks)
-        rows = [dict(task=t, num_classes=self.num_classes(t), chance=1.0 / self.num_classes(t),
-                     zeroshot=self.zeroshot_accuracy(t, split), finetuned=self.finetuned_accuracy(t, split),
-                     classes=", ".join(T.get_task(t).classnames), summary=T.get_task(t).summary)
-                for t in tasks]
-        return pd.DataFrame(rows)
-
-    def tune_and_test(self, delta: Mapping[str, Tensor], tasks: Iterable[str] | None = None,
-                      alphas: Sequence[float] | None = None, metric: str = "normalized_accuracy"
-                      ) -> tuple[float, pd.DataFrame, pd.DataFrame]:
-        """Method form of :func:`tune_and_test` (for drivers that dispatch on the suite)."""
-        return tune_and_test(self, delta, tasks, alphas, metric)
-
-
-# ---------------------------------------------------------------- functions on suites
-
-
-def _tasks(suite: LanguageSuite, tasks: Iterable[str] | None) -> list[str]:
-    tasks = suite.task_names if tasks is None else list(tasks)
-    if not tasks:
-        raise ValueError("need at least one task")
-    return tasks
-
-
-def evaluate_delta(suite: LanguageSuite, delta: Mapping[str, Tensor], alpha: float,
-                   tasks: Iterable[str] | None = None, split: str = "test") -> pd.DataFrame:
-    """Top-1 and normalised accuracy of θ0 + α·Δm on each task: columns ``task``, ``accuracy``,
-    ``normalized_accuracy`` (fractions), as :func:`subboost.evaluate.evaluate`."""
-    tasks = _tasks(suite, tasks)
-    finetuned = {t: suite.finetuned_accuracy(t, split) for t in tasks}
-    blocks, first = suite.load_blocks(delta, alpha)
-    rows = []
-    for t in tasks:
-        labels = torch.tensor(suite.data(t, split).labels)
-        acc = float((suite.predict(blocks, first, t, split) == labels).float().mean())
-        ft = finetuned[t]
-        rows.append(dict(task=t, accuracy=acc, normalized_accuracy=acc / ft if ft > 0 else float("nan")))
-    df = pd.DataFrame(rows, columns=["task", "accuracy", "normalized_accuracy"])
-    df.attrs.update(mean_accuracy=float(df.accuracy.mean()), mean_normalized_accuracy=float(df.normalized_accuracy.mean()),
-                    split=split)
-    return df
-
-
-def alpha_sweep(suite: LanguageSuite, delta: Mapping[str, Tensor], tasks: Iterable[str] | None = None,
-                alphas: Sequence[float] | None = None, split: str = "val") -> pd.DataFrame:
-    """:func:`evaluate_delta` for each α (default 0.1 … 1.0); long format with an ``alpha`` column."""
-    tasks = _tasks(suite, tasks)
-    alphas = DEFAULT_ALPHAS if alphas is None else tuple(float(a) for a in alphas)
-    if not alphas:
-        raise ValueError("alphas is empty")
-    frames = []
-    for a in alphas:
-        df = evaluate_delta(suite, delta, a, tasks, split)
-        df.insert(0, "alpha", a)
-        frames.append(df)
-    out = pd.concat(frames, ignore_index=True)
-    out.attrs["split"] = split
-    return out
-
-
-def tune_and_test(suite: LanguageSuite, delta: Mapping[str, Tensor], tasks: Iterable[str] | None = None,
-                  alphas: Sequence[float] | None = None,
-                  metric: str = "normalized_accuracy") -> tuple[float, pd.DataFrame, pd.DataFrame]:
-    """The papers' protocol: α with the best mean ``metric`` on validation (ties: smaller α), test once.
-
-    Returns ``(alpha, test_df, sweep_df)`` exactly as :func:`subboost.evaluate.tune_and_test`.
-    """
-    tasks = _tasks(suite, tasks)
-    sweep = alpha_sweep(suite, delta, tasks, alphas, split="val")
-    alpha = best_alpha(sweep, metric)
-    test = evaluate_delta(suite, delta, alpha, tasks, split="test")
-    test.attrs["alpha"] = alpha
-    return alpha, test, sweep
+        df = super().reference(tasks, split)
+        df["classes"] = [", ".join(T.get_task(t).classnames) for t in tasks]
+        df["summary"] = [T.get_task(t).summary for t in tasks]
+        return df

@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
 from subboost.langzoo.model import BLOCK_PREFIX, encode_from
-from subboost.zoo.train import cosine_lr, torch_settings  # noqa: F401  (one definition for both zoos)
+from subboost.zoo_common import cosine_lr
 
 
 def block_state(blocks: torch.nn.ModuleList, first: int) -> dict[str, Tensor]:

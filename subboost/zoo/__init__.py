@@ -3,7 +3,7 @@
 Public checkpoints cannot be downloaded everywhere, so the book's default suite is a zoo
 trained here, in the same architecture family (open_clip ``CLIP``, ViT-B-32 key names) and the
 same file layout as the public releases, so that one code path
-(:class:`subboost.evaluate.Suite`) serves both::
+(:class:`subboost.evaluate.VisionSuite`) serves both::
 
     from subboost.zoo import load_suite
     suite = load_suite("ci")            # builds into the cache on first use (≤ 10 min, 2 CPU cores)
@@ -48,7 +48,7 @@ def load_suite(
     progress: bool = True,
     batch_size: int = 1024,
 ):
-    """The zoo of ``profile`` as a :class:`~subboost.evaluate.Suite` (built first if missing).
+    """The zoo of ``profile`` as a :class:`~subboost.evaluate.VisionSuite` (built first if missing).
 
     ``root`` defaults to ``$SUBBOOST_ZOO_ROOT`` or ``zoo_cache/`` in the repository. Loading
     goes through :func:`subboost.release.load_suite`, the same path as real checkpoints, with

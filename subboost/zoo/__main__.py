@@ -8,25 +8,18 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 
 from subboost.zoo.build import PROFILES, build, get_config, zoo_dir
+from subboost.zoo_common import print_build_summary, zoo_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m subboost.zoo", description="Build the mini CLIP zoo.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build (or find) a zoo in the cache")
-    b.add_argument("--profile", default="ci", choices=sorted(PROFILES))
-    b.add_argument("--root", default=None, help="cache root (default: $SUBBOOST_ZOO_ROOT or ./zoo_cache)")
-    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser, sub, b = zoo_cli("python -m subboost.zoo", "Build the mini CLIP zoo.", PROFILES, None,
+                             "torch CPU threads (default: torch's choice)")
     b.add_argument("--workers", type=int, default=None,
                    help="expert processes (default: one per core, at most 2, on CPU; 1 on a GPU)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bars")
     r = sub.add_parser("report", help="measure a built zoo against its design targets (experts, interference)")
     r.add_argument("--profile", default="ci", choices=sorted(PROFILES))
     r.add_argument("--root", default=None)
@@ -39,9 +32,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="also write the calibration table as calibration.csv and calibration.md into this folder")
     r.add_argument("--compare", default=None, choices=sorted(PROFILES),
                    help="also measure this (built) profile's zoo and show the calibration of both side by side")
-    p = sub.add_parser("path", help="print the folder a profile builds into")
-    p.add_argument("--profile", default="ci", choices=sorted(PROFILES))
-    p.add_argument("--root", default=None)
     args = parser.parse_args(argv)
     if args.command == "path":
         print(zoo_dir(get_config(args.profile), args.root))
@@ -51,10 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out = build(args.profile, root=args.root, device=args.device, threads=args.threads,
                 progress=not args.no_progress, log=lambda m: print(m, flush=True), workers=args.workers)
-    summary = json.loads((out / "build.json").read_text())
-    print(f"zoo: {out}")
-    print(f"mean zero-shot {summary['mean_zeroshot_test']:.3f}, mean fine-tuned {summary['mean_finetuned_test']:.3f}; "
-          f"build {summary['timings'].get('total_s', 0):.0f}s (this call {time.perf_counter() - start:.0f}s)")
+    print_build_summary("zoo", out, time.perf_counter() - start)
     return 0
 
 

@@ -19,48 +19,29 @@ its own seed, the result is the same as an uninterrupted build.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
 import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, ClassVar, Mapping
+from typing import Callable, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
-from subboost.io import atomic_path, load_state_dict, save_state_dict
+from subboost.io import load_state_dict, save_state_dict
 from subboost.evaluate import resolve_device
 from subboost.release import save_task_data
 from subboost.zoo import tasks as T
 from subboost.zoo.model import WordTokenizer, build_head, create_model, model_config
-from subboost.zoo.train import finetune, predict, pretrain, torch_settings
+from subboost.zoo.train import finetune, predict, pretrain
+from subboost.zoo_common import HashedConfig, default_root, torch_settings
+from subboost.zoo_common import write_json as _write_json
 
 ZOO_FORMAT = 2  # bump when the generated data or the training code change the results
-
-
-class HashedConfig:
-    """What the zoos' frozen config dataclasses share: their JSON form, its hash, and the cache
-    folder it names (``{DIR_PREFIX}{profile}-{hash}``)."""
-
-    DIR_PREFIX: ClassVar[str] = ""
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["tasks"] = list(self.tasks)
-        return d
-
-    def digest(self) -> str:
-        """Short SHA-256 of the config (its JSON with sorted keys)."""
-        text = json.dumps(self.to_json(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-    def dirname(self) -> str:
-        return f"{self.DIR_PREFIX}{self.profile}-{self.digest()}"
 
 
 @dataclass(frozen=True)
@@ -142,14 +123,6 @@ def get_config(profile: str | ZooConfig, **overrides) -> ZooConfig:
     return replace(cfg, **overrides) if overrides else cfg
 
 
-def default_root() -> Path:
-    """``$SUBBOOST_ZOO_ROOT`` if set, else ``zoo_cache/`` in the repository root (git-ignored)."""
-    env = os.environ.get("SUBBOOST_ZOO_ROOT")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "zoo_cache"
-
-
 def zoo_dir(config: ZooConfig, root: str | Path | None = None) -> Path:
     """The cache folder of a config: ``{root}/{profile}-{hash}``."""
     return (Path(root) if root else default_root()) / config.dirname()
@@ -157,11 +130,6 @@ def zoo_dir(config: ZooConfig, root: str | Path | None = None) -> Path:
 
 def is_built(config: ZooConfig, root: str | Path | None = None) -> bool:
     return (zoo_dir(config, root) / "build.json").is_file()
-
-
-def _write_json(path: Path, data: object) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _save_both(state: dict, pt_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Training loops of the zoo: contrastive pretraining of the tiny CLIP, per-task fine-tuning of
 the image tower with the zero-shot head frozen (as in the task-vector papers), accuracy.
 
-All randomness comes from explicit, seeded generators; :func:`torch_settings` fixes the
+All randomness comes from explicit, seeded generators; :func:`subboost.zoo_common.torch_settings` fixes the
 thread count and turns on deterministic algorithms for the duration of a build and restores
 the previous settings afterwards.
 """
@@ -20,23 +20,7 @@ from tqdm.auto import tqdm
 
 from subboost.zoo.model import normalize_images
 from subboost.zoo.tasks import pretraining_batch
-
-
-@contextlib.contextmanager
-def torch_settings(threads: int | None = None, deterministic: bool = True) -> Iterator[None]:
-    """Set torch's intra-op thread count and deterministic algorithms; restore on exit."""
-    old_threads = torch.get_num_threads()
-    old_det = torch.are_deterministic_algorithms_enabled()
-    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        if threads:
-            torch.set_num_threads(int(threads))
-        if deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+from subboost.zoo_common import cosine_lr
 
 
 @contextlib.contextmanager
@@ -89,14 +73,6 @@ def pretraining_batches(steps: int, batch_size: int, seed: int, image_size: int,
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4,
                                          collate_fn=_as_is)
     return iter(loader)
-
-
-def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up then cosine decay to zero (the schedule of the task-vector papers)."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress)) * base
 
 
 def pretrain(
