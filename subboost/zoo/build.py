@@ -32,7 +32,7 @@ from typing import Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from subboost.io import load_state_dict, save_state_dict
+from subboost.io import atomic_path, load_state_dict, save_state_dict
 from subboost.evaluate import resolve_device
 from subboost.release import save_task_data
 from subboost.zoo import tasks as T
