@@ -56,6 +56,9 @@ TABLE2_T5 = {
 TABLE5 = {"Random": (72.9, 47.6), "HO-GSVD": (75.7, 47.6)}
 TABLE10 = {"Random": 67.5, "Random (std)": 2.3, "HO-GSVD": 69.7}
 
+# Supp. G.1, after Eq. 32: "We set π to 10^{-2} by default" (HO-GSVD's regularisation).
+HOGSVD_PI = 1e-2
+
 # Sizes of the expert-selection experiments (Sec. 5.3, Table 5, Fig. 5a; Supp. H, Table 10):
 # Fig. 5a decomposes 8 task vectors with their average; Table 5 merges a pool of 3 experts with
 # 5 chosen of 14 candidates (random baseline: mean of 10 draws) and scores them also on 3

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from subboost.boost import boost_cutoff_index, subspace_boost
-from subboost.spectral import stable_rank_from_spectrum
+from subboost.spectral import stable_rank
 
 DTYPE = torch.float64
 
@@ -231,11 +231,6 @@ def spectral_norm(matrix: Tensor) -> float:
 def frobenius_norm(matrix: Tensor) -> float:
     """‖A‖F."""
     return float(torch.linalg.matrix_norm(matrix, "fro"))
-
-
-def stable_rank(matrix: Tensor) -> float:
-    """Stable rank ‖A‖F² / ‖A‖2² (paper Eq. 2)."""
-    return stable_rank_from_spectrum(torch.linalg.svdvals(matrix.to(DTYPE)).cpu())
 
 
 def gram_matrix(mats: Tensor) -> Tensor:

@@ -44,15 +44,16 @@ from subboost.taskvector import StateDict, is_zero, parse_block_key
 
 @dataclass(frozen=True)
 class ChapterSizes:
-    """How large each experiment of the chapter is in a profile (paper values in brackets).
+    """How large each experiment of the chapter is in a profile (the paper's values:
+    :data:`subboost.paper.SELECTION_SIZES`, :data:`PAPER_SIZES`).
 
-    spectra_tasks: single task vectors decomposed with their average for Fig. 5a [8];
-    spectra_shown: how many of them are drawn [4];
-    pool, candidates, external, select_k: Table 5 sizes [3, 14, 3, 5];
-    table5_draws: random draws of Table 5 [10];
-    table10_k, table10_draws: Table 10 [8 of 20, 20 draws];
+    spectra_tasks: single task vectors decomposed with their average for Fig. 5a;
+    spectra_shown: how many of them are drawn;
+    pool, candidates, external, select_k: Table 5 sizes;
+    table5_draws: random draws of Table 5;
+    table10_k, table10_draws: Table 10 (k chosen of all tasks, random draws);
     table9_counts: how many of the chapter's ``task_counts`` (smallest first) Table 9 runs
-        (``None``: all) [8, 14, 20];
+        (``None``: all, the paper's :data:`subboost.paper.TASK_COUNTS`);
     table9_methods: the Table 9 rows run (labels of :data:`subboost.paper.TABLE9_VIT_B32`).
     """
 
@@ -124,9 +125,10 @@ def chapter_sizes(profile: str, n_tasks: int, n_random_draws: int | None = None)
 
 
 def check_pi(pi: float) -> float:
-    """The HO-GSVD regularisation π of Eq. 32 (paper: 1e-2): a finite number > 0."""
+    """The HO-GSVD regularisation π of Eq. 32 (the paper's: :data:`subboost.paper.HOGSVD_PI`): a
+    finite number > 0."""
     if isinstance(pi, bool) or not isinstance(pi, (int, float)) or not math.isfinite(float(pi)) or float(pi) <= 0:
-        raise ValueError(f"parameter 'pi': expected a finite number > 0 (the paper uses 0.01), got {pi!r}")
+        raise ValueError(f"parameter 'pi': expected a finite number > 0 (the paper uses {paper.HOGSVD_PI:g}), got {pi!r}")
     return float(pi)
 
 
@@ -150,7 +152,7 @@ def keys_of_sublayer(keys: Sequence[str], sublayer: str) -> list[str]:
 # ----------------------------------------------------------------------------- Fig. 5a
 
 
-def gsv_spectra(vectors: Mapping[str, StateDict], keys: Sequence[str], pi: float = 1e-2,
+def gsv_spectra(vectors: Mapping[str, StateDict], keys: Sequence[str], pi: float = paper.HOGSVD_PI,
                 merged_label: str | None = None) -> pd.DataFrame:
     """Generalised singular values of N single task vectors and of their average (1/N Σ Δ_i)
     in one shared basis: per key, the HO-GSVD (:func:`subboost.hogsvd.hogsvd`, π = ``pi``)
@@ -514,7 +516,7 @@ def alignment_predicts_accuracy(run: SelectionRun, metric: str) -> float:
 # ----------------------------------------------------------------------------- Table 9
 
 
-def table9_variants(beta: float = 0.0, pi: float = 1e-2, methods: Sequence[str] = tuple(paper.TABLE9_VIT_B32),
+def table9_variants(beta: float = 0.0, pi: float = paper.HOGSVD_PI, methods: Sequence[str] = tuple(paper.TABLE9_VIT_B32),
                     lines_b_grid: Sequence[float] = LINES_B) -> list[Variant]:
     """The rows of Table 9 as :class:`~subboost.experiments.Variant` s (labels as in
     :data:`subboost.paper.TABLE9_VIT_B32`), each with SB at ``beta`` and LiNeS (b chosen on validation)."""
