@@ -82,7 +82,8 @@ class ChapterSizes:
 _CORE_METHODS = ("TA+SB+LiNeS", "TIES+SB+LiNeS", "Higher-Order SB+LiNeS")
 
 #: The paper's sizes (Table 9: all its rows at all its task counts); the ``full`` profile.
-PAPER_SIZES = ChapterSizes("full", spectra_shown=4, table9_counts=None, table9_methods=tuple(paper.TABLE9_VIT_B32),
+PAPER_SIZES = ChapterSizes("full", spectra_shown=4,  # 4 of the decomposed task vectors drawn: our choice
+                           table9_counts=None, table9_methods=tuple(paper.TABLE9_VIT_B32),
                            **paper.SELECTION_SIZES)
 
 PROFILE_SIZES: dict[str, ChapterSizes] = {
