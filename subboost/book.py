@@ -137,7 +137,7 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
     - ``gammas`` and every ``*gammas``: non-empty list of finite numbers ≥ 0 (Supp. E.4);
     - ``zoo_root``, ``checkpoint_root``, ``data_root``: ``None`` or an existing directory;
     - ``model``: ``None`` or a non-empty string;
-    - ``pi``: a finite number > 0 (HO-GSVD's π, :func:`subboost.interpret.check_pi`);
+    - ``pi``: a finite number > 0 (HO-GSVD's π, :func:`subboost.chapters.hogsvd_alignment.check_pi`);
     - ``n_random_draws``, ``n_repeats``, ``matrix_size``: ``None`` or an integer ≥ 1;
       ``esm_images``: an integer ≥ 1; ``run_*``: true or false;
     - ``lines_b_grid``: non-empty list of finite numbers.
@@ -197,7 +197,7 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
                     raise ParameterError(name, f"exponents γ must be finite and ≥ 0, got {v!r} in {items}")
             out[name] = [float(v) for v in items]
         elif name == "pi":
-            from subboost.interpret import check_pi
+            from subboost.chapters.hogsvd_alignment import check_pi
 
             try:
                 out[name] = check_pi(value)
@@ -523,7 +523,7 @@ def check_chapter_parameters(chapter: Chapter, *, profile: str, device: str, see
     """Validate the parameters one chapter will run with (its declared defaults, the
     runner's values and the ``overrides`` it declares) with the checks its own validation
     cell applies, without starting a kernel; raise :class:`ParameterError` naming the
-    parameter. Chapter 2's sizes go through :func:`subboost.synthetic.chapter_setup`."""
+    parameter. Chapter 2's sizes go through :func:`subboost.chapters.propositions.chapter_setup`."""
     declared = declared_parameters(load_chapter(chapter), chapter.name)
     values = {k: v for k, v in declared.items() if not isinstance(v, str) or k in ("profile", "device", "model")
               or k.endswith("_root")}
@@ -533,7 +533,7 @@ def check_chapter_parameters(chapter: Chapter, *, profile: str, device: str, see
     checked = validate_parameters(**values)
     sizes = ("matrix_size", "n_repeats", "common_rank", "noise_fraction")
     if any(k in declared for k in sizes):
-        from subboost.synthetic import chapter_setup
+        from subboost.chapters.propositions import chapter_setup
 
         kwargs = {k: checked[k] for k in sizes + ("sweep_task_counts",) if k in checked}
         try:

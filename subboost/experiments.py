@@ -1,4 +1,4 @@
-"""Experiment drivers shared by the book's chapters (rank collapse, results tables, ablations).
+"""The evaluation protocol shared by the book's chapters 1, 3, 4 and 5.
 
 A *suite* is anything that provides the suite interface (:class:`Suite`, that is
 :class:`subboost.evaluate.EvaluationSuite`): the mini zoo (:func:`subboost.zoo.load_suite`), real
@@ -6,13 +6,18 @@ checkpoints (:func:`subboost.release.load_suite`) and the language zoo
 (:func:`subboost.langzoo.load_suite`) all do, so every chapter runs on any of them. Following
 the papers, each merged model gets its α (and LiNeS' b) chosen on the validation splits of the
 merged tasks, then one evaluation on the test splits (:func:`subboost.evaluate.tune_and_test`).
+
+Here: loading a chapter's suite from its parameters and the task counts it uses, merge
+variants (:class:`Variant`), results tables (:func:`results_table`; Tables 1, 4, 9 and their
+units for :mod:`subboost.executor`), rank tables per task count (:func:`rank_collapse_table`),
+our tables beside the paper's, and one-sentence trends. What only one chapter uses lives in
+that chapter's module under :mod:`subboost.chapters`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import pandas as pd
@@ -22,7 +27,7 @@ from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 from subboost.evaluate import EvaluationSuite as Suite
 from subboost.evaluate import tune_and_test
 from subboost.merging import get_method, merge
-from subboost.spectral import rank_table, spectra_table
+from subboost.spectral import rank_table
 from subboost.taskvector import StateDict
 
 if TYPE_CHECKING:
@@ -57,6 +62,7 @@ TABLE1_VARIANTS = (
     Variant("Consensus", "consensus", {"k": 2, "lambdas": 0.4}),
     Variant("Consensus+SB", "consensus", {"k": 2, "lambdas": 0.4}, boost_beta=0.0),
 )
+
 
 def task_subsets(suite: Suite, task_counts: Iterable[int]) -> dict[int, list[str]]:
     """The first N tasks of the suite's fixed order, as in the paper's 8 / 14 / 20 benchmarks."""
@@ -235,30 +241,7 @@ def rank_collapse_table(suite: Suite, task_counts: Iterable[int], method: str = 
     return pd.concat(frames, ignore_index=True)
 
 
-def spectra_by_count(suite: Suite, task_counts: Iterable[int], keys: Sequence[str] | None = None,
-                     method: str = "ta", **params) -> pd.DataFrame:
-    """Singular value spectra of selected block matrices of the merged task vector for each N (Fig. 3)."""
-    frames = []
-    for n, tasks in task_subsets(suite, task_counts).items():
-        delta = merge(suite.task_vectors(tasks), method, **params)
-        if keys is not None:
-            delta = {k: delta[k] for k in keys}
-        df = spectra_table(delta)
-        df.insert(0, "n_tasks", n)
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True)
-
-
-def iso_vs_sb_scale(delta: Mapping[str, torch.Tensor]) -> pd.DataFrame:
-    """Per block matrix of a merged task vector: SB(β=0) = S[0]·UVᵀ and Iso-C = mean(S)·UVᵀ share
-    UVᵀ and differ by the scalar S[0]/mean(S). Returns that ratio per matrix."""
-    spectra = spectra_table(delta)
-    g = spectra.groupby(["key", "stack", "layer", "sublayer", "layer_type"], sort=False).sigma
-    out = g.agg(sigma_max="max", sigma_mean="mean").reset_index()
-    out["sb_over_iso"] = out.sigma_max / out.sigma_mean
-    return out
-
-
+#: The task counts of every chapter on the smoke profile (its zoos have 3 tasks).
 SMOKE_TASK_COUNTS = (2, 3)
 
 
@@ -341,22 +324,15 @@ def task_counts_for(suite: Suite, task_counts: Sequence[int], profile: str) -> l
     return sorted(int(n) for n in task_counts)
 
 
-def method_rank_comparison(suite: Suite, n_tasks: int, variants: Sequence[Variant] = TABLE1_VARIANTS) -> pd.DataFrame:
-    """Rank metrics of the merged block matrices for each variant at one N (paper Fig. 1a, 6);
-    LiNeS variants are skipped (a per-layer scalar does not change any rank metric)."""
-    tasks = task_subsets(suite, [n_tasks])[n_tasks]
-    vectors = suite.task_vectors(tasks)
-    frames = []
-    for v in variants:
-        if v.lines_b_grid:
-            continue
-        delta, _ = merge_variant(vectors, v)
-        df = rank_table(delta)
-        df.insert(0, "variant", v.label)
-        df.insert(1, "method", v.label.split("+")[0])
-        df.insert(2, "boosted", v.boost_beta is not None)
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True)
+def beside_paper(ours: pd.DataFrame, paper: pd.DataFrame, all_rows: bool = False) -> pd.DataFrame:
+    """Our wide table next to the paper's, rows matched by method label.
+
+    Rows of ``ours`` without a paper row get blank paper columns. Rows only the paper has are
+    left out, or with ``all_rows`` kept after ours, blank on our side."""
+    if not all_rows:
+        return ours.join(paper, how="left")
+    order = list(dict.fromkeys(list(ours.index) + list(paper.index)))
+    return pd.concat([ours.reindex(order), paper.reindex(order)], axis=1)
 
 
 def describe_trend(values: Mapping[int, float], what: str, unit: str = "") -> str:
@@ -367,79 +343,3 @@ def describe_trend(values: Mapping[int, float], what: str, unit: str = "") -> st
     direction = "fell" if v1 < v0 else "rose" if v1 > v0 else "stayed flat"
     series = ", ".join(f"N={n}: {v:.3g}{unit}" for n, v in items)
     return f"{what} {direction} from {v0:.3g}{unit} at N={n0} to {v1:.3g}{unit} at N={n1} ({change:+.0%}); {series}."
-
-
-def esm_activations(suite, tasks: Sequence[str], n_images: int = 64, max_samples: int = 512,
-                    seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Inputs of every visual block matrix on unlabelled validation images, per task, captured
-    from that task's expert (ESM's data requirement; labels are never used)."""
-    from subboost.esm import capture_block_inputs
-    from subboost.evaluate import normalize_batch
-    from subboost.taskvector import select_block_keys
-
-    keys = [k for k in select_block_keys(suite.base_state) if k.startswith("visual.")]
-    rel = [k[len("visual."):] for k in keys]
-    acts = []
-    for t in tasks:
-        visual = suite.load_visual(suite.expert_state(t))
-        images = suite.data(t, "val").images[:n_images]
-        batch = normalize_batch(images.to(suite.device))
-        got = capture_block_inputs(visual, rel, [batch], forward=lambda m, b: m(b),
-                                   max_samples=max_samples, seed=seed)
-        acts.append({"visual." + k: v.cpu() for k, v in got.items()})
-    return acts
-
-
-def ablation_table(suite: Suite, task_counts: Iterable[int], variants: Sequence[Variant],
-                   alpha_grid: Sequence[float] | None = None, progress: bool = True,
-                   executor: "str | Executor | None" = None, ray_address: str | None = None) -> pd.DataFrame:
-    """Like :func:`results_table` without the reference rows (for ablations)."""
-    long = results_table(suite, task_counts, variants, alpha_grid=alpha_grid, progress=progress,
-                         executor=executor, ray_address=ray_address)
-    return long[~long.method.isin(["Zero-shot", "Fine-tuned"])].reset_index(drop=True)
-
-
-def beside_paper(ours: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
-    """Our wide table next to the paper's (rows matched by method label; missing rows stay blank)."""
-    return ours.join(paper, how="left")
-
-
-def run_benchmarks(out_dir: str | Path, sections: Sequence[str] = ("sb", "hogsvd"), quick: bool = True,
-                   threads: int | None = None, device: str = "cpu", timeout_s: float = 1800) -> pd.DataFrame:
-    """Run ``benchmarks/run.py`` (fast routes against their references at the real
-    ViT-B/32 sizes, one run, alternating) in a fresh process and return its table.
-
-    The script lives in the repository, not in the installed package: outside a checkout this
-    raises ``FileNotFoundError`` naming the path it looked for. ``device`` (``cpu``, ``cuda``)
-    is where the sb and hogsvd sections run. Results are written to
-    ``out_dir/benchmarks.csv`` (and ``.json``)."""
-    import subprocess
-    import sys
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-    if not script.is_file():
-        raise FileNotFoundError(f"{script}: the benchmark script comes with the repository checkout, "
-                                "not with the installed package")
-    out_dir = Path(out_dir)
-    cmd = [sys.executable, str(script), "--sections", *sections, "--out", str(out_dir), "--name", "benchmarks"]
-    if quick:
-        cmd.append("--quick")
-    if threads:
-        cmd += ["--threads", str(int(threads))]
-    cmd += ["--device", str(device)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{script} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    return pd.read_csv(out_dir / "benchmarks.csv")
-
-
-def time_merges(vectors: Mapping[str, StateDict], variants: Sequence[Variant], repeats: int = 3) -> pd.DataFrame:
-    """Median wall time (seconds) of each variant's merge over ``repeats`` runs, the variants
-    interleaved run by run so that a busy machine slows them alike (Table 6 analogue)."""
-    times: dict[str, list[float]] = {v.label: [] for v in variants}
-    for _ in range(max(1, int(repeats))):
-        for v in variants:
-            times[v.label].append(merge_variant(vectors, v, lines_b=(v.lines_b_grid or (None,))[0])[1])
-    out = pd.DataFrame({"method": list(times), "median_seconds": [float(pd.Series(t).median()) for t in times.values()],
-                        "min_seconds": [min(t) for t in times.values()]}).set_index("method")
-    return out

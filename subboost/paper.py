@@ -56,6 +56,16 @@ TABLE2_T5 = {
 TABLE5 = {"Random": (72.9, 47.6), "HO-GSVD": (75.7, 47.6)}
 TABLE10 = {"Random": 67.5, "Random (std)": 2.3, "HO-GSVD": 69.7}
 
+# Supp. G.1, after Eq. 32: "We set π to 10^{-2} by default" (HO-GSVD's regularisation).
+HOGSVD_PI = 1e-2
+
+# Sizes of the expert-selection experiments (Sec. 5.3, Table 5, Fig. 5a; Supp. H, Table 10):
+# Fig. 5a decomposes 8 task vectors with their average; Table 5 merges a pool of 3 experts with
+# 5 chosen of 14 candidates (random baseline: mean of 10 draws) and scores them also on 3
+# external tasks; Table 10 merges 8 chosen of all 20 (random baseline: 20 draws).
+SELECTION_SIZES = {"spectra_tasks": 8, "pool": 3, "candidates": 14, "external": 3, "select_k": 5,
+                   "table5_draws": 10, "table10_k": 8, "table10_draws": 20}
+
 # Table 9: Higher-Order SB against the SB variants, absolute accuracy, 8 / 14 / 20 tasks.
 TABLE9_VIT_B32 = {
     "TA+SB+LiNeS": (85.6, 80.8, 77.2),

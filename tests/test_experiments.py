@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from subboost import experiments as ex
+from subboost.chapters import subspace_boosting
 
 
 class StubSuite:
@@ -56,10 +57,43 @@ def test_results_table_first_tasks_column():
 def test_benchmark_script_runs_and_reports_accuracy(tmp_path):
     """benchmarks/run.py through the book's helper: a table with the reference, ours and the
     largest relative error (timings are reported, never asserted)."""
-    table = ex.run_benchmarks(tmp_path, sections=("hogsvd",))
+    table = subspace_boosting.run_benchmarks(tmp_path, sections=("hogsvd",))
     assert set(table.section) == {"hogsvd"}
     assert len(table) == 2  # quick: N = 8 and 20
     assert (table.max_rel_err < 1e-10).all() and (table.eigenvalue_max_rel_err < 1e-8).all()
     assert (table.torch_route_max_rel_err < 1e-10).all()  # the batched torch (GPU) route too
     assert (table.ref_median_s > 0).all() and (table.ours_median_s > 0).all()
     assert (tmp_path / "benchmarks.json").is_file()
+
+
+def test_beside_paper_left_join_and_all_rows():
+    ours = pd.DataFrame({"ours 8": [70.0, 60.0]}, index=pd.Index(["TA", "Ours only"], name="method"))
+    paper = pd.DataFrame({"paper 8": [69.7, 77.2]}, index=["TA", "Paper only"])
+    left = ex.beside_paper(ours, paper)
+    assert list(left.index) == ["TA", "Ours only"]
+    assert left.loc["TA", "paper 8"] == 69.7 and pd.isna(left.loc["Ours only", "paper 8"])
+    both = ex.beside_paper(ours, paper, all_rows=True)
+    assert list(both.index) == ["TA", "Ours only", "Paper only"]
+    assert pd.isna(both.loc["Paper only", "ours 8"]) and both.loc["Paper only", "paper 8"] == 77.2
+
+
+def test_task_counts_for_smoke_and_fit():
+    class Stub:
+        task_names = ["a", "b", "c", "d"]
+
+    assert ex.task_counts_for(Stub(), [20, 8], "smoke") == [2, 3]
+    assert ex.task_counts_for(Stub(), [4, 2], "ci") == [2, 4]
+    with pytest.raises(ValueError, match="'task_counts'"):
+        ex.task_counts_for(Stub(), [2, 5], "ci")
+
+
+def test_language_task_counts_skips_what_does_not_fit():
+    from subboost.chapters.language import language_task_counts
+
+    class Stub:
+        task_names = ["a", "b", "c", "d", "e", "f"]
+
+    assert language_task_counts(Stub(), [8, 2, 6, 4], "ci") == ([2, 4, 6], [8])
+    assert language_task_counts(Stub(), [8, 2], "smoke") == ([2, 3], [])
+    with pytest.raises(ValueError, match="'task_counts'"):
+        language_task_counts(Stub(), [1, 8], "ci")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from subboost import synthetic as syn
+from subboost.chapters import propositions
 from subboost.boost import boost_cutoff_index, subspace_boost
 
 
@@ -247,12 +248,12 @@ def test_e4_synthetic_head_linear_tail_sqrt():
 
 def test_profile_and_chapter_parameters_named_in_errors():
     with pytest.raises(ValueError, match="'profile'"):
-        syn.profile_settings("huge")
+        propositions.profile_settings("huge")
     with pytest.raises(ValueError, match="'common_rank'"):
-        syn.chapter_setup("smoke", common_rank=0)
+        propositions.chapter_setup("smoke", common_rank=0)
     with pytest.raises(ValueError, match="'noise_fraction'"):
-        syn.chapter_setup("smoke", noise_fraction=-1)
+        propositions.chapter_setup("smoke", noise_fraction=-1)
     with pytest.raises(ValueError, match="'sweep_task_counts'"):
-        syn.chapter_setup("smoke", sweep_task_counts=[4])
-    setup = syn.chapter_setup("smoke", seed=7, n_repeats=3)
+        propositions.chapter_setup("smoke", sweep_task_counts=[4])
+    setup = propositions.chapter_setup("smoke", seed=7, n_repeats=3)
     assert setup.seeds == (7, 8, 9) and setup.lowrank.unique_rank == 2

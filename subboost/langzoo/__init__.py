@@ -17,8 +17,8 @@ Command line: ``python -m subboost.langzoo build --profile ci [--root DIR] [--de
 Modules: :mod:`~subboost.langzoo.tasks` (the tasks and splits), :mod:`~subboost.langzoo.model`
 (base model, pooling, heads, split forward), :mod:`~subboost.langzoo.train` (fine-tuning),
 :mod:`~subboost.langzoo.build` (profiles, cache, build), :mod:`~subboost.langzoo.suite` (the suite,
-an :class:`~subboost.evaluate.EvaluationSuite`), :mod:`~subboost.langzoo.experiments` (results tables
-on the suite). Evaluation and α tuning are :mod:`subboost.evaluate`'s, re-exported here.
+an :class:`~subboost.evaluate.EvaluationSuite`). Evaluation and α tuning are :mod:`subboost.evaluate`'s,
+re-exported here. The book's chapter on it is :mod:`subboost.chapters.language`.
 """
 
 from __future__ import annotations

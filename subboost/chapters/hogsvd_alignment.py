@@ -1,9 +1,11 @@
-"""Chapter 4 of the book: HO-GSVD spectra, alignment matrices, expert selection, Higher-Order SB.
+"""Chapter 4 -- HO-GSVD: shared subspaces, alignment and expert selection
+(``notebooks/04_hogsvd.md``); paper Sec. 4.2, 5.3, Fig. 5a, 5b, Table 5, Supp. G, H (Fig. 13,
+Tables 9, 10).
 
-The experiments and figures of the paper's interpretability half (Sec. 4.2, 5.3, Fig. 5a/5b,
-Supp. G, H: Fig. 13, Tables 5, 9, 10), on any :class:`subboost.experiments.Suite` (the mini zoo
-or real checkpoints). The decompositions themselves live in :mod:`subboost.hogsvd`; this module
-runs the protocols, summarises them in tidy tables and draws the figures.
+The decompositions themselves (HO-GSVD, alignment matrices of Eq. 7, expert selection,
+Higher-Order SB, Alg. 2) live in :mod:`subboost.hogsvd`; this module runs the chapter's
+protocols on any :class:`subboost.experiments.Suite` (the mini zoo or real checkpoints),
+summarises them in tidy tables and draws the figures.
 
 - :func:`gsv_spectra` / :func:`gsv_summary`: generalised singular values of N single task
   vectors and of their average in one shared HO-GSVD basis (Fig. 5a);
@@ -12,11 +14,12 @@ runs the protocols, summarises them in tidy tables and draws the figures.
 - :class:`SelectionProtocol`, :func:`run_selection`, :func:`selection_summary`: the expert
   selection experiments of Table 5 (pool + k of the candidates, scored on pool and external
   tasks) and Table 10 (k of all, scored on all), HO-GSVD selection against seeded random draws;
-- :func:`table9_variants`, :func:`beside_paper`: Higher-Order SB against the SB variants (Table 9).
+- :func:`table9_variants`, :func:`table9_beside_paper`: Higher-Order SB against the SB
+  variants (Table 9).
 
-Profile sizes (:class:`ChapterSizes`) keep the CPU ``ci`` run within its budget; ``full`` uses
-the paper's sizes. The paper's own numbers below are quoted, never computed, and always
-labelled as the paper's.
+Profile sizes (:class:`ChapterSizes`, :data:`PROFILE_SIZES`) keep the CPU ``ci`` run within
+its budget; ``full`` uses the paper's sizes (:data:`subboost.paper.SELECTION_SIZES`). The
+paper's own numbers live in :mod:`subboost.paper`.
 """
 
 from __future__ import annotations
@@ -31,34 +34,27 @@ import torch
 from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
 from subboost import claims, paper
-from subboost.experiments import LINES_B, Suite, Variant, merge_variant
+from subboost.experiments import LINES_B, Suite, Variant, beside_paper, merge_variant
 from subboost.hogsvd import AlignmentResult, hogsvd, random_selection, select_experts, selection_score
+from subboost.plotting import colors
 from subboost.taskvector import StateDict, is_zero, parse_block_key
-
-# ----------------------------------------------------------------------------- the paper's numbers
-
-#: Paper Tables 9 and 10 (quoted, the paper's; defined in :mod:`subboost.paper`).
-TABLE9 = paper.TABLE9_VIT_B32
-TABLE9_VIT_B16 = paper.TABLE9_VIT_B16
-TABLE10_NORMALIZED = paper.TABLE10_NORMALIZED
-TABLE9_TASK_COUNTS = (8, 14, 20)
-
 
 # ----------------------------------------------------------------------------- profile sizes
 
 
 @dataclass(frozen=True)
 class ChapterSizes:
-    """How large each experiment of the chapter is in a profile (paper values in brackets).
+    """How large each experiment of the chapter is in a profile (the paper's values:
+    :data:`subboost.paper.SELECTION_SIZES`, :data:`PAPER_SIZES`).
 
-    spectra_tasks: single task vectors decomposed with their average for Fig. 5a [8];
-    spectra_shown: how many of them are drawn [4];
-    pool, candidates, external, select_k: Table 5 sizes [3, 14, 3, 5];
-    table5_draws: random draws of Table 5 [10];
-    table10_k, table10_draws: Table 10 [8 of 20, 20 draws];
+    spectra_tasks: single task vectors decomposed with their average for Fig. 5a;
+    spectra_shown: how many of them are drawn;
+    pool, candidates, external, select_k: Table 5 sizes;
+    table5_draws: random draws of Table 5;
+    table10_k, table10_draws: Table 10 (k chosen of all tasks, random draws);
     table9_counts: how many of the chapter's ``task_counts`` (smallest first) Table 9 runs
-        (``None``: all) [8, 14, 20];
-    table9_methods: the Table 9 rows run (labels of :data:`TABLE9`).
+        (``None``: all, the paper's :data:`subboost.paper.TASK_COUNTS`);
+    table9_methods: the Table 9 rows run (labels of :data:`subboost.paper.TABLE9_VIT_B32`).
     """
 
     profile: str
@@ -85,6 +81,11 @@ class ChapterSizes:
 
 _CORE_METHODS = ("TA+SB+LiNeS", "TIES+SB+LiNeS", "Higher-Order SB+LiNeS")
 
+#: The paper's sizes (Table 9: all its rows at all its task counts); the ``full`` profile.
+PAPER_SIZES = ChapterSizes("full", spectra_shown=4,  # 4 of the decomposed task vectors drawn: our choice
+                           table9_counts=None, table9_methods=tuple(paper.TABLE9_VIT_B32),
+                           **paper.SELECTION_SIZES)
+
 PROFILE_SIZES: dict[str, ChapterSizes] = {
     # the 3-task smoke zoo: every step runs, on the smallest sizes that keep it meaningful
     "smoke": ChapterSizes("smoke", spectra_tasks=3, spectra_shown=3, pool=1, candidates=2, external=0,
@@ -92,16 +93,10 @@ PROFILE_SIZES: dict[str, ChapterSizes] = {
                           table9_methods=_CORE_METHODS),
     # the paper's task split on the 20-task ci zoo; fewer random draws and Table 9 at the
     # smallest task count only, to stay within the chapter's CPU budget
-    "ci": ChapterSizes("ci", spectra_tasks=8, spectra_shown=4, pool=3, candidates=14, external=3, select_k=5,
-                       table5_draws=8, table10_k=8, table10_draws=8, table9_counts=1,
-                       table9_methods=_CORE_METHODS),
-    # the paper's sizes
-    "full": ChapterSizes("full", spectra_tasks=8, spectra_shown=4, pool=3, candidates=14, external=3, select_k=5,
-                         table5_draws=10, table10_k=8, table10_draws=20, table9_counts=None,
-                         table9_methods=tuple(TABLE9)),
+    "ci": replace(PAPER_SIZES, profile="ci", table5_draws=8, table10_draws=8, table9_counts=1,
+                  table9_methods=_CORE_METHODS),
+    "full": PAPER_SIZES,
 }
-
-PAPER_SIZES = PROFILE_SIZES["full"]
 
 
 def chapter_sizes(profile: str, n_tasks: int, n_random_draws: int | None = None) -> ChapterSizes:
@@ -131,9 +126,10 @@ def chapter_sizes(profile: str, n_tasks: int, n_random_draws: int | None = None)
 
 
 def check_pi(pi: float) -> float:
-    """The HO-GSVD regularisation π of Eq. 32 (paper: 1e-2): a finite number > 0."""
+    """The HO-GSVD regularisation π of Eq. 32 (the paper's: :data:`subboost.paper.HOGSVD_PI`): a
+    finite number > 0."""
     if isinstance(pi, bool) or not isinstance(pi, (int, float)) or not math.isfinite(float(pi)) or float(pi) <= 0:
-        raise ValueError(f"parameter 'pi': expected a finite number > 0 (the paper uses 0.01), got {pi!r}")
+        raise ValueError(f"parameter 'pi': expected a finite number > 0 (the paper uses {paper.HOGSVD_PI:g}), got {pi!r}")
     return float(pi)
 
 
@@ -154,16 +150,10 @@ def keys_of_sublayer(keys: Sequence[str], sublayer: str) -> list[str]:
     return sorted(chosen, key=lambda k: describe_key(k)["layer"])
 
 
-def pick_blocks(layers: Sequence[int]) -> list[int]:
-    """First, middle and last residual block (without repeats)."""
-    layers = sorted(set(int(x) for x in layers))
-    return list(dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]]))
-
-
 # ----------------------------------------------------------------------------- Fig. 5a
 
 
-def gsv_spectra(vectors: Mapping[str, StateDict], keys: Sequence[str], pi: float = 1e-2,
+def gsv_spectra(vectors: Mapping[str, StateDict], keys: Sequence[str], pi: float = paper.HOGSVD_PI,
                 merged_label: str | None = None) -> pd.DataFrame:
     """Generalised singular values of N single task vectors and of their average (1/N Σ Δ_i)
     in one shared basis: per key, the HO-GSVD (:func:`subboost.hogsvd.hogsvd`, π = ``pi``)
@@ -527,10 +517,10 @@ def alignment_predicts_accuracy(run: SelectionRun, metric: str) -> float:
 # ----------------------------------------------------------------------------- Table 9
 
 
-def table9_variants(beta: float = 0.0, pi: float = 1e-2, methods: Sequence[str] = tuple(TABLE9),
+def table9_variants(beta: float = 0.0, pi: float = paper.HOGSVD_PI, methods: Sequence[str] = tuple(paper.TABLE9_VIT_B32),
                     lines_b_grid: Sequence[float] = LINES_B) -> list[Variant]:
     """The rows of Table 9 as :class:`~subboost.experiments.Variant` s (labels as in
-    :data:`TABLE9`), each with SB at ``beta`` and LiNeS (b chosen on validation)."""
+    :data:`subboost.paper.TABLE9_VIT_B32`), each with SB at ``beta`` and LiNeS (b chosen on validation)."""
     b = tuple(float(x) for x in lines_b_grid)
     every = {
         "TA+SB+LiNeS": Variant("TA+SB+LiNeS", "ta", boost_beta=beta, lines_b_grid=b),
@@ -545,15 +535,16 @@ def table9_variants(beta: float = 0.0, pi: float = 1e-2, methods: Sequence[str] 
     return [every[m] for m in methods]
 
 
-def beside_paper(ours: pd.DataFrame, paper: Mapping[str, Sequence[float]], value: str = "accuracy",
-                 paper_counts: Sequence[int] = TABLE9_TASK_COUNTS, label: str = "paper (ViT-B/32)") -> pd.DataFrame:
+def table9_beside_paper(ours: pd.DataFrame, paper_rows: Mapping[str, Sequence[float]] = paper.TABLE9_VIT_B32,
+                        value: str = "accuracy", paper_counts: Sequence[int] = paper.TASK_COUNTS,
+                        label: str = "paper (ViT-B/32)") -> pd.DataFrame:
     """Methods as rows: our ``value`` per task count ("ours N=…") beside the paper's columns
-    ("paper … N=…"); rows the paper has but we did not run stay empty on our side."""
+    ("paper … N=…"); rows the paper has but we did not run stay empty on our side
+    (:func:`subboost.experiments.beside_paper` with ``all_rows``)."""
     wide = ours.pivot_table(index="method", columns="n_tasks", values=value, sort=False)
     wide.columns = [f"ours N={c}" for c in wide.columns]
-    pap = pd.DataFrame({m: list(v) for m, v in paper.items()}, index=[f"{label} N={c}" for c in paper_counts]).T
-    order = list(dict.fromkeys(list(wide.index) + list(pap.index)))
-    return pd.concat([wide.reindex(order), pap.reindex(order)], axis=1)
+    pap = pd.DataFrame({m: list(v) for m, v in paper_rows.items()}, index=[f"{label} N={c}" for c in paper_counts]).T
+    return beside_paper(wide, pap, all_rows=True)
 
 
 def merged_similarity(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Sequence[str]) -> pd.DataFrame:
@@ -573,17 +564,10 @@ def merged_similarity(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tenso
 # ----------------------------------------------------------------------------- figures
 
 
-def _plt():
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def fig_gsv_spectra(spectra: pd.DataFrame, shown: Sequence[str]):
     """Fig. 5a: per key, σ_ik of the shown single task vectors and of the average against the
     shared direction k (left), and the coherence σ_avg,k / mean_i σ_ik (right)."""
-    plt = _plt()
-    from subboost.plotting import colors
+    import matplotlib.pyplot as plt
 
     keys = list(dict.fromkeys(spectra.key))
     fig, axes = plt.subplots(len(keys), 2, figsize=(10.5, 3.4 * len(keys)), squeeze=False)
@@ -641,7 +625,8 @@ def _heatmap(ax, matrix: np.ndarray, names: Sequence[str], vmin: float, vmax: fl
 
 def fig_alignment_mean(result: AlignmentResult, title: str | None = None):
     """Fig. 5b / 13d: the mean alignment matrix over all decomposed matrices."""
-    plt = _plt()
+    import matplotlib.pyplot as plt
+
     n = len(result.names)
     size = 3.2 + 0.28 * n
     fig, ax = plt.subplots(figsize=(size + 1.6, size))
@@ -657,7 +642,8 @@ def fig_alignment_layers(result: AlignmentResult, keys: Sequence[str], ncols: in
     """Fig. 13a-c: the alignment matrix of each given key (e.g. attn.out_proj of every block),
     on one shared colour scale so that blocks compare. ``ncols`` defaults to 2 for more than 12
     experts (readable task labels), else 3."""
-    plt = _plt()
+    import matplotlib.pyplot as plt
+
     keys = list(keys)
     n = len(result.names)
     if ncols is None:
@@ -684,8 +670,7 @@ def fig_alignment_layers(result: AlignmentResult, keys: Sequence[str], ncols: in
 def fig_alignment_depth(by_block: pd.DataFrame):
     """Mean (left) and spread over expert pairs (right, when available) of the off-diagonal
     alignment against block index, one line per sublayer and their mean."""
-    plt = _plt()
-    from subboost.plotting import colors
+    import matplotlib.pyplot as plt
 
     panels = [("mean_alignment", "mean off-diagonal alignment [dimensionless]")]
     if "std_alignment" in by_block:
@@ -708,7 +693,8 @@ def fig_alignment_depth(by_block: pd.DataFrame):
 def fig_selection(run: SelectionRun):
     """Each random draw's accuracy (dots), their mean (bar) and the HO-GSVD selection (star),
     per evaluation group."""
-    plt = _plt()
+    import matplotlib.pyplot as plt
+
     groups = list(run.protocol.groups)
     fig, axes = plt.subplots(1, len(groups), figsize=(3.0 * len(groups) + 2.4, 3.6), squeeze=False,
                              layout="constrained")

@@ -1,7 +1,14 @@
-"""The book's chapter figures, built from the tidy tables of :mod:`subboost.experiments`.
+"""Chapter 1 -- Rank collapse of merged task vectors (``notebooks/01_rank_collapse.md``);
+paper Sec. 3, Fig. 1a, 2, 3, Supp. D (Fig. 6-9).
 
-Each function takes a DataFrame, draws one figure with labelled axes (units in brackets) and
-returns the matplotlib Figure; the notebooks only call them. Style: :mod:`subboost.plotting`.
+Merging more experts with Task Arithmetic lowers the stable rank (Eq. 2) and the energy ranks
+of the merged block matrices. This module holds what only this chapter defines: the spectra
+of selected matrices per task count (:func:`spectra_by_count`), rank metrics per merging
+method (:func:`method_rank_comparison`) and the chapter's figures. The rank table itself,
+:func:`subboost.experiments.rank_collapse_table`, is shared (the zoo's calibration uses it).
+
+Chapter 5 (:mod:`subboost.chapters.language`) reuses this chapter's rank runners and figures
+on the language zoo, the way a later chapter of a textbook reuses an earlier one's code.
 """
 
 from __future__ import annotations
@@ -11,13 +18,51 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from subboost.experiments import TABLE1_VARIANTS, Suite, Variant, merge_variant, task_subsets
+from subboost.merging import merge
+from subboost.spectral import rank_table, spectra_table
+
 SUBLAYER_ORDER = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")
 
 
-def _plt():
-    import matplotlib.pyplot as plt
+# ----------------------------------------------------------------------------- runners
 
-    return plt
+
+def spectra_by_count(suite: Suite, task_counts: Sequence[int], keys: Sequence[str] | None = None,
+                     method: str = "ta", **params) -> pd.DataFrame:
+    """Singular value spectra of selected block matrices of the merged task vector for each N (Fig. 3)."""
+    frames = []
+    for n, tasks in task_subsets(suite, task_counts).items():
+        delta = merge(suite.task_vectors(tasks), method, **params)
+        if keys is not None:
+            delta = {k: delta[k] for k in keys}
+        df = spectra_table(delta)
+        df.insert(0, "n_tasks", n)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def method_rank_comparison(suite: Suite, n_tasks: int, variants: Sequence[Variant] = TABLE1_VARIANTS) -> pd.DataFrame:
+    """Rank metrics of the merged block matrices for each variant at one N (paper Fig. 1a, 6);
+    LiNeS variants are skipped (a per-layer scalar does not change any rank metric)."""
+    tasks = task_subsets(suite, [n_tasks])[n_tasks]
+    vectors = suite.task_vectors(tasks)
+    frames = []
+    for v in variants:
+        if v.lines_b_grid:
+            continue
+        delta, _ = merge_variant(vectors, v)
+        df = rank_table(delta)
+        df.insert(0, "variant", v.label)
+        df.insert(1, "method", v.label.split("+")[0])
+        df.insert(2, "boosted", v.boost_beta is not None)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- figures
+# Each takes a tidy table, draws one figure with labelled axes (units in brackets) and returns
+# the matplotlib Figure; the notebook saves it (:func:`subboost.plotting.save_figure`).
 
 
 def pick_layers(layers: Sequence[int]) -> list[int]:
@@ -29,9 +74,9 @@ def pick_layers(layers: Sequence[int]) -> list[int]:
 
 def stable_rank_by_sublayer(ranks: pd.DataFrame, metric: str = "stable_rank"):
     """Paper Fig. 2a-c: the metric of each sublayer in three blocks, one bar per N."""
+    import matplotlib.pyplot as plt
     import seaborn as sns
 
-    plt = _plt()
     layers = pick_layers(ranks.layer)
     fig, axes = plt.subplots(1, len(layers), figsize=(4.0 * len(layers), 3.6), sharey=True)
     axes = np.atleast_1d(axes)
@@ -51,7 +96,8 @@ def stable_rank_by_sublayer(ranks: pd.DataFrame, metric: str = "stable_rank"):
 
 def rank_vs_n(ranks: pd.DataFrame, metrics: Sequence[str] = ("stable_rank", "energy_rank_50", "energy_rank_30")):
     """Paper Fig. 2d, 8, 9: mean (± spread over block matrices) of rank metrics against N."""
-    plt = _plt()
+    import matplotlib.pyplot as plt
+
     metrics = [m for m in metrics if m in ranks]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 3.4))
     axes = np.atleast_1d(axes)
@@ -71,7 +117,8 @@ def rank_vs_n(ranks: pd.DataFrame, metrics: Sequence[str] = ("stable_rank", "ene
 
 def spectra_vs_n(spectra: pd.DataFrame, normalised: bool = False):
     """Paper Fig. 3: singular values of one block matrix of the merged task vector, per N."""
-    plt = _plt()
+    import matplotlib.pyplot as plt
+
     keys = list(dict.fromkeys(spectra.key))
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     col = "sigma_normalised" if normalised else "sigma"
@@ -94,9 +141,9 @@ def spectra_vs_n(spectra: pd.DataFrame, normalised: bool = False):
 
 def method_rank_bars(ranks: pd.DataFrame, metric: str = "stable_rank"):
     """Paper Fig. 1a / 6: mean rank metric of the merged block matrices per method, ± SB."""
+    import matplotlib.pyplot as plt
     import seaborn as sns
 
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     sns.barplot(data=ranks, x="method", y=metric, hue="boosted", ax=ax, errorbar=("pi", 50))
     ax.set_xlabel("merging method")
@@ -107,56 +154,11 @@ def method_rank_bars(ranks: pd.DataFrame, metric: str = "stable_rank"):
 
 def rank_vs_accuracy(points: pd.DataFrame, x: str = "stable_rank", y: str = "normalized_accuracy"):
     """Merged accuracy against mean stable rank, one point per (method, N)."""
+    import matplotlib.pyplot as plt
     import seaborn as sns
 
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     sns.scatterplot(data=points, x=x, y=y, hue="method", style="n_tasks", s=70, ax=ax)
     ax.set_xlabel(f"mean {x.replace('_', ' ')} of block matrices [dimensions]")
     ax.set_ylabel("normalised accuracy [%]" if "normalized" in y else "accuracy [%]")
-    return fig
-
-
-def expert_accuracies(experts: pd.DataFrame):
-    """Per task: chance, zero-shot and fine-tuned test accuracy (from :func:`subboost.zoo.report.expert_table`)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8.0, 3.6))
-    x = range(len(experts))
-    ax.bar([i - 0.2 for i in x], 100 * experts.zeroshot, width=0.4, label="zero-shot (base)")
-    ax.bar([i + 0.2 for i in x], 100 * experts.finetuned, width=0.4, label="fine-tuned (expert)")
-    ax.scatter(list(x), 100 * experts.chance, marker="_", s=120, color="black", label="chance", zorder=3)
-    ax.set_xticks(list(x))
-    ax.set_xticklabels(experts.task, rotation=60, ha="right", fontsize=8)
-    ax.set_xlabel("task")
-    ax.set_ylabel("test accuracy [%]")
-    ax.set_ylim(0, 105)
-    ax.legend(ncol=3, fontsize=8, loc="lower right")
-    return fig
-
-
-def results_vs_n(long: pd.DataFrame, value: str = "normalized_accuracy", methods: Sequence[str] | None = None):
-    """Merged accuracy against the number of merged experts, one line per method."""
-    plt = _plt()
-    df = long if methods is None else long[long.method.isin(methods)]
-    fig, ax = plt.subplots(figsize=(6.5, 4.0))
-    for method, sub in df.groupby("method", sort=False):
-        sub = sub.sort_values("n_tasks")
-        style = "--" if method in ("Zero-shot", "Fine-tuned") else "-"
-        ax.plot(sub.n_tasks, sub[value], style, marker="o", label=method)
-    ax.set_xlabel("merged experts N")
-    ax.set_ylabel("normalised accuracy [%]" if "normalized" in value else "accuracy [%]")
-    ax.set_xticks(sorted(df.n_tasks.unique()))
-    ax.legend(ncol=2, fontsize=8)
-    return fig
-
-
-def iso_vs_sb(scales: pd.DataFrame):
-    """Per block matrix, the factor S[0]/mean(S) by which SB(β=0) exceeds Iso-C (same UVᵀ)."""
-    import seaborn as sns
-
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    sns.lineplot(data=scales, x="layer", y="sb_over_iso", hue="sublayer", marker="o", ax=ax)
-    ax.set_xlabel("residual block l")
-    ax.set_ylabel("σ_1 / mean(σ) of Σ Δ_i [ratio]")
     return fig

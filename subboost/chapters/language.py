@@ -1,9 +1,11 @@
-"""Results tables on the language suite (the chapter's Table 2 analogue).
+"""Chapter 5 -- Language experts: a Table 2 analogue (``notebooks/05_language.md``); paper
+Sec. 5.1, Table 2 (T5), here on the MiniLM language zoo (:mod:`subboost.langzoo`).
 
-:func:`results_table` is that of :mod:`subboost.experiments` (whose :func:`evaluate_variant`
-tunes α with :func:`subboost.evaluate.tune_and_test`, as for the vision suites), plus the
-per-task accuracies; merging, LiNeS' b selection on validation, the reference rows and the row
-format are unchanged.
+This module holds what only this chapter uses: Table 2's rows (:data:`TABLE2_VARIANTS`), the
+results table with per-task accuracies (:func:`table2_results`), the task counts that fit the
+language zoo (:func:`language_task_counts`), and the zoo's task overview and build costs. It
+reuses chapter 1's rank runners and figures (:mod:`subboost.chapters.rank_collapse`) and
+chapter 3's accuracy-against-N figure (:mod:`subboost.chapters.subspace_boosting`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from subboost import experiments as ex
 from subboost.langzoo import tasks as T
 from subboost.langzoo.suite import LanguageSuite
 
-SMOKE_TASK_COUNTS = (2, 3)
-
 #: Table 2's rows; the paper's "Subspace Boosting (ours)" row is TA + LiNeS + SB (paper text).
 TABLE2_VARIANTS = (
     ex.Variant("TA", "ta"),
@@ -32,17 +32,13 @@ TABLE2_VARIANTS = (
 PAPER_ROW_FOR = {"SB": "TA+LiNeS+SB"}  # TABLE2_T5 label -> our row
 
 
-#: one merged model: :func:`subboost.experiments.evaluate_variant` (the protocol of
-#: :mod:`subboost.evaluate`, which the language suite implements)
-evaluate_variant = ex.evaluate_variant
-
-
-def results_table(suite: ex.Suite, task_counts: Iterable[int], variants: Sequence[ex.Variant] = TABLE2_VARIANTS,
+def table2_results(suite: ex.Suite, task_counts: Iterable[int], variants: Sequence[ex.Variant] = TABLE2_VARIANTS,
                   alpha_grid: Sequence[float] | None = None, progress: bool = True,
                   reference: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(long, per_task)``: the long results table (as :func:`subboost.experiments.results_table`,
     with zero-shot and fine-tuned rows when ``reference``) and the per-task test accuracies
-    (fractions) of every merged model."""
+    (fractions) of every merged model. :func:`subboost.experiments.evaluate_variant` tunes α
+    with :func:`subboost.evaluate.tune_and_test`, as for the vision suites."""
     subsets = ex.task_subsets(suite, task_counts)
     rows, per_task = [], []
     jobs = [(n, v) for n in subsets for v in variants]
@@ -51,7 +47,7 @@ def results_table(suite: ex.Suite, task_counts: Iterable[int], variants: Sequenc
         if n not in cache:
             cache.clear()
             cache[n] = suite.task_vectors(subsets[n])
-        row = evaluate_variant(suite, subsets[n], variant, cache[n], alpha_grid)
+        row = ex.evaluate_variant(suite, subsets[n], variant, cache[n], alpha_grid)
         df = row.pop("per_task").assign(method=variant.label, n_tasks=n)
         per_task.append(df)
         rows.append(row)
@@ -61,18 +57,19 @@ def results_table(suite: ex.Suite, task_counts: Iterable[int], variants: Sequenc
     return long, pd.concat(per_task, ignore_index=True)
 
 
-def task_counts_for(suite: ex.Suite, task_counts: Sequence[int], profile: str) -> tuple[list[int], list[int]]:
-    """``(used, skipped)``: the smoke profile uses 2 and 3; other profiles use the requested
-    counts that fit the suite (the rest are returned as skipped, for the chapter to say so)."""
-    available = len(suite.task_names)
+def language_task_counts(suite: ex.Suite, task_counts: Sequence[int], profile: str) -> tuple[list[int], list[int]]:
+    """``(used, skipped)``: :func:`subboost.experiments.task_counts_for` on the requested counts
+    that fit the suite (2 to its number of tasks); the rest are returned as skipped, for the
+    chapter to say so (the smoke profile skips none: it always uses 2 and 3)."""
     if profile == "smoke":
-        return [n for n in SMOKE_TASK_COUNTS if n <= available], []
-    used = sorted(int(n) for n in task_counts if 2 <= int(n) <= available)
+        return ex.task_counts_for(suite, task_counts, profile), []
+    available = len(suite.task_names)
+    used = [int(n) for n in task_counts if 2 <= int(n) <= available]
     skipped = sorted(int(n) for n in task_counts if not 2 <= int(n) <= available)
     if not used:
         raise ValueError(f"parameter 'task_counts': none of {list(task_counts)} fits the {available} tasks "
                          f"of this suite (2..{available})")
-    return used, skipped
+    return ex.task_counts_for(suite, used, profile), skipped
 
 
 def task_overview(suite: LanguageSuite, examples: int = 1) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Chapter 4 library (subboost.interpret) on tiny synthetic task vectors and a fake evaluator:
+"""Chapter 4's module (subboost.chapters.hogsvd_alignment) on tiny synthetic task vectors and a fake evaluator:
 hand-computed alignment summaries, the Fig. 5a bookkeeping, the selection protocols' structure,
 determinism and caching, and the Table 9 rows."""
 
@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from subboost import interpret as it
+from subboost.chapters import hogsvd_alignment as it
 from subboost.hogsvd import AlignmentResult, alignment_matrix
-from subboost.paper import TABLE5, TABLE10
+from subboost.paper import TABLE5, TABLE9_VIT_B32, TABLE10
 
 KEY = "visual.transformer.resblocks.{l}.{sub}"
 NAMES20 = [f"T{i:02d}" for i in range(20)]
@@ -256,7 +256,7 @@ def test_selection_on_a_real_alignment_matrix():
 
 def test_table9_variants_and_beside_paper():
     variants = it.table9_variants(0.0, 0.02)
-    assert [v.label for v in variants] == list(it.TABLE9)
+    assert [v.label for v in variants] == list(TABLE9_VIT_B32)
     ho = variants[-1]
     assert ho.method == "ho-sb" and ho.params == {"beta": 0.0, "pi": 0.02} and ho.boost_beta is None
     assert all(v.lines_b_grid for v in variants)
@@ -265,7 +265,7 @@ def test_table9_variants_and_beside_paper():
         it.table9_variants(methods=["TA"])
     long = pd.DataFrame(dict(method=["TA+SB+LiNeS", "Higher-Order SB+LiNeS"] * 2, n_tasks=[8, 8, 14, 14],
                              accuracy=[70.0, 69.0, 60.0, 61.0]))
-    t = it.beside_paper(long, it.TABLE9)
+    t = it.table9_beside_paper(long, TABLE9_VIT_B32)
     assert list(t.index[:2]) == ["TA+SB+LiNeS", "Higher-Order SB+LiNeS"]
     assert t.loc["Higher-Order SB+LiNeS", "ours N=14"] == 61.0
     assert t.loc["CSM+SB+LiNeS", "paper (ViT-B/32) N=20"] == 77.2
