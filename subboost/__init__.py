@@ -12,6 +12,8 @@ Where is chapter N's code? In ``subboost/chapters/``, one module per chapter, na
 - chapter 4, ``notebooks/04_hogsvd.md`` -- :mod:`subboost.chapters.hogsvd_alignment`
   (Sec. 4.2, 5.3, Fig. 5, Supp. G, H, Tables 5, 9, 10);
 - chapter 5, ``notebooks/05_language.md`` -- :mod:`subboost.chapters.language` (Sec. 5.1, Table 2).
+- appendix, ``notebooks/06_zoo_calibration.md`` -- :mod:`subboost.chapters.zoo_calibration` (the
+  zoo beside published values for real task vectors; Fig. 2, Tables 1, 3a, 5 on two zoos).
 
 What the chapters share (mathematics first):
 
@@ -33,7 +35,9 @@ What the chapters share (mathematics first):
 - :mod:`subboost.evaluate`, :mod:`subboost.experiments` -- suites (the mini zoo, real
   checkpoints), α sweeps, the evaluation protocol and results tables shared by chapters 1, 3,
   4 and 5; :mod:`subboost.executor` runs their units locally or on a Ray cluster.
-- :mod:`subboost.zoo`, :mod:`subboost.langzoo` -- the mini CLIP zoo and the MiniLM language zoo.
+- :mod:`subboost.zoo`, :mod:`subboost.langzoo` -- the mini CLIP zoo and the MiniLM language zoo;
+  :mod:`subboost.zoo_common` -- what both zoos share (config hashes, cache, command line);
+  :mod:`subboost.calibration` -- the zoo's quantities beside published real task vectors.
 - :mod:`subboost.release`, :mod:`subboost.convert` -- the public checkpoint releases and their
   data folders.
 - :mod:`subboost.plotting` -- the figure style shared by every chapter.

@@ -1,6 +1,7 @@
 """Results tables: the row format and the first-tasks (interference) column, on a stub suite
 whose accuracies are set by hand."""
 
+import pandas as pd
 import pytest
 import torch
 

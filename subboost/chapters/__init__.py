@@ -15,6 +15,9 @@ style (:mod:`subboost.plotting`) and the paper's numbers (:mod:`subboost.paper`)
   spectra, alignment, expert selection, Higher-Order SB (Sec. 4.2, 5.3, Supp. G, H, Tables 5, 9, 10).
 - :mod:`subboost.chapters.language` -- chapter 5, ``notebooks/05_language.md``: the Table 2
   analogue on the MiniLM language zoo (Sec. 5.1).
+- :mod:`subboost.chapters.zoo_calibration` -- the appendix, ``notebooks/06_zoo_calibration.md``:
+  the mini zoo beside published measurements of real CLIP task vectors (v2 and v3), and the
+  headline verdicts (Sec. 3 Fig. 2; Table 1; Table 3a; Table 5) recomputed on both zoos.
 
 A later chapter may reuse an earlier chapter's code (chapter 5 draws chapter 1's rank figures
 and chapter 3's accuracy-against-N figure) by importing that chapter's module.

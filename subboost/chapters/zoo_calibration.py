@@ -1,0 +1,187 @@
+"""Appendix, ``notebooks/06_zoo_calibration.md`` — the mini zoo against real task vectors,
+and whether the verdicts depend on it.
+
+Two mini zoos share one pretrained base and differ only in their experts' fine-tuning recipe:
+*v2* (the book's zoo until the calibration; AdamW lr 5e-4, batch 64, weight decay 0.01) and
+*v3* (the book's zoo now; the recipe moved toward the published one of the real checkpoints).
+This module measures both on the calibration quantities of :mod:`subboost.calibration`
+(published values with sources; the introduction shows the table) and recomputes the four
+headline verdicts of the book on each, with the same settings on both:
+
+- rank collapse (paper Sec. 3, Fig. 2, 7; claim ``rank-collapse``),
+- SB's gain over Task Arithmetic (Sec. 5, Table 1; claim ``sb-improves``, TA only here),
+- robustness to β (Tables 3a, 7; claim ``beta``),
+- HO-GSVD expert selection against random draws (Sec. 4.2, Table 5; claim ``selection-pool``).
+
+Every verdict comes from the claim's rule in :mod:`subboost.claims`, so a changed verdict is a
+property of the zoo, not of the rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import pandas as pd
+
+from subboost import claims
+
+#: book profile → the zoos compared, as (label, zoo profile); the chapters run on the last
+ZOO_SETS: dict[str, tuple[tuple[str, str], ...]] = {
+    "smoke": (("zoo v2", "smoke"), ("zoo v3", "smoke-v3")),
+    "ci": (("zoo v2", "ci-v2"), ("zoo v3", "ci")),
+    "full": (("zoo full", "full"),),  # never built with the v2 recipe: measured alone
+}
+#: the claims whose verdicts are recomputed on both zoos
+HEADLINE_CLAIMS = ("rank-collapse", "sb-improves", "beta", "selection-pool")
+
+
+@dataclass(frozen=True)
+class HeadlineSizes:
+    """Sizes of the headline experiments of a profile (the same on both zoos).
+
+    rank_counts: N of the stable-rank trend [paper Fig. 2: 4 … 20];
+    sb_counts: N of the TA vs TA+SB comparison [Table 1: 8, 14, 20];
+    beta_count: the N of the β ablation [Table 3a: 8]; betas: the β values.
+    Selection uses chapter 4's sizes of the same profile."""
+
+    rank_counts: tuple[int, ...]
+    sb_counts: tuple[int, ...]
+    beta_count: int
+    betas: tuple[float, ...] = (0.0, 0.01, 0.02)
+
+
+SIZES: dict[str, HeadlineSizes] = {
+    "smoke": HeadlineSizes(rank_counts=(2, 3), sb_counts=(2, 3), beta_count=3),
+    "ci": HeadlineSizes(rank_counts=(4, 8, 14, 20), sb_counts=(8, 14, 20), beta_count=8),
+    "full": HeadlineSizes(rank_counts=(4, 8, 14, 20), sb_counts=(8, 14, 20), beta_count=8),
+}
+
+
+def zoo_set(profile: str) -> tuple[tuple[str, str], ...]:
+    """The (label, zoo profile) pairs compared for a book profile; ``ValueError`` naming
+    ``profile`` for an unknown one."""
+    if profile not in ZOO_SETS:
+        raise ValueError(f"parameter 'profile': unknown profile {profile!r}; choose one of {', '.join(ZOO_SETS)}")
+    return ZOO_SETS[profile]
+
+
+@dataclass
+class HeadlineRun:
+    """What :func:`headline_run` measured on one zoo: the TA / TA+SB table, the β table, the
+    stable ranks, the selection run, the calibration measurements and the four verdicts."""
+
+    label: str
+    results: pd.DataFrame
+    betas: pd.DataFrame
+    ranks: pd.DataFrame
+    selection: object
+    measurements: dict
+    verdicts: dict[str, claims.Verdict] = field(default_factory=dict)
+
+
+def headline_run(suite, profile: str, alpha_grid: Sequence[float], label: str, seed: int = 0,
+                 n_random_draws: int | None = None, pi: float = 1e-2, progress: bool = False) -> HeadlineRun:
+    """Run the headline experiments on one suite and judge them with the claims' rules.
+
+    α is chosen on validation from ``alpha_grid`` for every merge (TA, TA+SB, each β, each
+    selected or random set of experts), then the test splits are evaluated once."""
+    from subboost import experiments as ex
+    from subboost import hogsvd as hg
+    from subboost.chapters import hogsvd_alignment as it
+    from subboost.calibration import stable_rank_trend
+    from subboost.taskvector import select_block_keys
+    from subboost.zoo.report import calibration_measurements, suite_config
+
+    sizes = SIZES[profile]
+    grid = tuple(float(a) for a in alpha_grid)
+    ta, sb = ex.Variant("TA", "ta", alpha_grid=grid), ex.Variant("TA+SB", "ta", boost_beta=0.0, alpha_grid=grid)
+    results = ex.results_table(suite, sizes.sb_counts, [ta, sb], alpha_grid=grid, progress=progress)
+    beta_variants = [ex.Variant(f"TA+SB β={b}", "ta", boost_beta=b, alpha_grid=grid) for b in sizes.betas]
+    betas = ex.results_table(suite, [sizes.beta_count], beta_variants, alpha_grid=grid, progress=progress)
+    ranks = ex.rank_collapse_table(suite, sizes.rank_counts, method="ta")
+
+    measurements = calibration_measurements(suite, suite_config(suite), interference=results, progress=progress)
+
+    tasks = list(suite.task_names)
+    ch4 = it.chapter_sizes(profile, len(tasks), n_random_draws)
+    keys = [k for k in select_block_keys(suite.base_state) if k.startswith("visual.")]
+    proto = it.table5_protocol(tasks, ch4, seed=seed)
+    align = hg.alignment_matrix(suite.task_vectors(proto.alignment_tasks), keys=keys, pi=pi)
+    evaluator = it.merge_and_evaluate(suite, ex.Variant("TA+SB", "ta", boost_beta=0.0), grid)
+    selection = it.run_selection(proto, align, evaluator, alpha_grid=grid)
+
+    acc = {m: results[results.method == m].set_index("n_tasks").accuracy for m in ("TA", "TA+SB")}
+    trend = stable_rank_trend(ranks)
+    mean_srank = {n: trend[f"mean_stable_rank_{n}"] for n in sizes.rank_counts}
+    acc_beta = {b: betas[betas.method == f"TA+SB β={b}"].set_index("n_tasks").accuracy.to_dict()
+                for b in sizes.betas}
+    verdicts = {
+        "rank-collapse": claims.rank_collapse(mean_srank, trend["share_falling"]),
+        "sb-improves": claims.sb_improves_merging({"TA": (acc["TA+SB"] - acc["TA"]).round(1).to_dict()}),
+        "beta": claims.beta_robust(acc_beta),
+        "selection-pool": it.compare_to_random(selection, "Pool accuracy").verdict(),
+    }
+    return HeadlineRun(label, results, betas, ranks, selection, measurements, verdicts)
+
+
+def verdict_comparison(runs: Sequence[HeadlineRun]) -> pd.DataFrame:
+    """One row per headline claim: its statement, each zoo's verdict and measured numbers, and
+    whether the verdict is the same on every zoo."""
+    rows = []
+    for cid in HEADLINE_CLAIMS:
+        row = {"claim": claims.CLAIMS[cid].statement}
+        for run in runs:
+            v = run.verdicts[cid]
+            row[f"{run.label}: verdict"] = v.verdict
+            row[f"{run.label}: ours"] = v.ours
+        row["same verdict"] = len({run.verdicts[cid].verdict for run in runs}) == 1
+        rows.append(row)
+    return pd.DataFrame(rows, index=list(HEADLINE_CLAIMS))
+
+
+def changes_sentence(table: pd.DataFrame, labels: Sequence[str]) -> str:
+    """A sentence naming every verdict that differs between the zoos (computed, for the text)."""
+    if len(labels) < 2:
+        return f"Only one zoo was measured ({labels[0]}): nothing to compare."
+    changed = table[~table["same verdict"]]
+    if changed.empty:
+        return f"All {len(table)} headline verdicts are the same on both zoos."
+    a, b = labels[0], labels[-1]
+    parts = [f"{cid} ({row[f'{a}: verdict']} on {a}, {row[f'{b}: verdict']} on {b})"
+             for cid, row in changed.iterrows()]
+    same = len(table) - len(changed)
+    text = f"{len(changed)} of {len(table)} headline verdicts change with the zoo: " + "; ".join(parts) + "."
+    return text + (f" The other {same} stay the same." if same else "")
+
+
+def calibration_columns(runs: Sequence[HeadlineRun]) -> pd.DataFrame:
+    """The calibration table with one column per zoo (:func:`subboost.calibration.comparison_table`)."""
+    from subboost.calibration import comparison_table
+
+    return comparison_table({run.label: run.measurements for run in runs})
+
+
+def outside_sentence(table: pd.DataFrame, label: str) -> str:
+    """Which measured quantities of zoo ``label`` lie outside their published range."""
+    status = table[f"status {label}"]
+    ranged = table[status.isin(["inside", "outside"])]
+    outside = ranged[ranged[f"status {label}"] == "outside"]
+    names = ", ".join(outside.description) if len(outside) else "none"
+    return f"{len(outside)} of {len(ranged)} quantities with a published range lie outside it (outside: {names})"
+
+
+def suites_summary(pair: Mapping[str, object]) -> pd.DataFrame:
+    """The two zoos' recipes and experts: mean zero-shot and fine-tuned test accuracy (%)."""
+    from subboost.zoo.report import suite_config
+
+    rows = {}
+    for label, suite in pair.items():
+        cfg = suite_config(suite) or {}
+        ref = suite.reference(split="test")
+        rows[label] = {"zoo profile": cfg.get("profile"), "learning rate": cfg.get("finetune_lr"),
+                       "batch": cfg.get("finetune_batch"), "weight decay": cfg.get("finetune_weight_decay"),
+                       "steps": cfg.get("finetune_steps"), "warm-up": cfg.get("finetune_warmup"),
+                       "zero-shot (%)": round(100 * float(ref.zeroshot.mean()), 1),
+                       "fine-tuned (%)": round(100 * float(ref.finetuned.mean()), 1)}
+    return pd.DataFrame(rows)
