@@ -135,7 +135,7 @@ def test_provenance_line(tmp_path):
 
 def test_every_chapter_follows_the_template():
     chapters = book.discover_chapters()
-    assert [c.name[:2] for c in chapters] == ["01", "02", "03", "04", "05"]
+    assert [c.name[:2] for c in chapters] == ["01", "02", "03", "04", "05", "06"]
     toc = (ROOT / "_toc.yml").read_text()
     for ch in chapters:
         nb = book.load_chapter(ch)
