@@ -51,11 +51,17 @@ class HashedConfig:
 
 
 def default_root() -> Path:
-    """``$SUBBOOST_ZOO_ROOT`` if set, else ``zoo_cache/`` in the repository root (git-ignored)."""
+    """``$SUBBOOST_ZOO_ROOT`` if set; else ``zoo_cache/`` in the repository root (git-ignored)
+    when the package runs from a checkout; else ``$XDG_CACHE_HOME/subboost/zoo`` (default
+    ``~/.cache/subboost/zoo``) for an installed package, never a folder inside site-packages."""
     env = os.environ.get("SUBBOOST_ZOO_ROOT")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1] / "zoo_cache"
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "subboost").is_dir():
+        return checkout / "zoo_cache"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "subboost" / "zoo"
 
 
 def write_json(path: Path, data: object) -> None:

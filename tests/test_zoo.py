@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +256,25 @@ def test_cli_path_and_build_no_op(smoke_zoo, capsys):
     assert main(["build", "--profile", "smoke", "--root", str(root), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert str(out) in text and "mean zero-shot" in text
+
+
+def test_default_root_outside_a_checkout_is_a_user_cache(tmp_path, monkeypatch):
+    """An installed package (no pyproject.toml beside it) caches zoos under XDG_CACHE_HOME, never
+    inside site-packages; in a checkout the cache is zoo_cache/ at the repository root."""
+    import importlib.util
+    import shutil
+
+    from subboost import zoo_common
+
+    monkeypatch.delenv("SUBBOOST_ZOO_ROOT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert zoo_common.default_root() == Path(zoo_common.__file__).resolve().parents[1] / "zoo_cache"
+    site = tmp_path / "site-packages" / "subboost"
+    site.mkdir(parents=True)
+    shutil.copy(zoo_common.__file__, site / "zoo_common.py")
+    spec = importlib.util.spec_from_file_location("installed_zoo_common", site / "zoo_common.py")
+    installed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(installed)
+    assert installed.default_root() == tmp_path / "xdg" / "subboost" / "zoo"
+    monkeypatch.setenv("SUBBOOST_ZOO_ROOT", str(tmp_path / "mine"))
+    assert installed.default_root() == tmp_path / "mine"
