@@ -23,10 +23,9 @@ from subboost.io import (
     load_state_dict,
     open_checkpoint,
 )
-from subboost.merging import merge, ties_trim_thresholds
+from subboost.merging import _ties_thresholds, merge, ties_trim_thresholds
 from subboost.streaming import (
-    _Plan,
-    _ties_statistics,
+    CheckpointTaskVectors,
     check_compatible,
     merged_deltas,
     stream_merge,
@@ -316,10 +315,23 @@ def test_row_blocks_give_the_same_result(ckpts, method, params):
     base, experts = open_all(ckpts, "pt")
     whole = dict(merged_deltas(base, experts, method, params=params, boost_beta=0.0))
     tiny = dict(merged_deltas(base, experts, method, params=params, boost_beta=0.0, memory_budget=1))
-    plan = _Plan(base, experts, ["a", "b", "c"], list(whole), method, params, torch.device("cpu"), 1)
+    plan = CheckpointTaskVectors(base, experts, ["a", "b", "c"], list(whole), torch.device("cpu"), 1)
     assert len(plan.row_blocks("token_embedding.weight")) == 64  # one row per block
     assert plan.row_blocks("visual.transformer.resblocks.0.mlp.c_fc.weight") == [None]  # SB needs whole matrices
     assert_close_dicts(whole, tiny, rtol=0, atol=0)
+
+
+def brute_force_thresholds(vectors, top_k, trim="official"):
+    """Per task, the m-th largest magnitude over every entry (float64 sort), m = ⌊P·K⌋ + 1
+    (official) or max(1, ⌊P·K⌋) (top_k), computed here from the definition."""
+    out = []
+    for tv in vectors:
+        flat = torch.cat([v.reshape(-1).double().abs() for v in tv.values()]).sort(descending=True).values
+        p = flat.numel()
+        share = int(p * top_k)
+        m = min(p, share + 1) if trim == "official" else max(1, share)
+        out.append(float(flat[m - 1]))
+    return out
 
 
 def test_ties_thresholds_are_exact(ckpts):
@@ -327,11 +339,12 @@ def test_ties_thresholds_are_exact(ckpts):
     vectors = list(task_vectors(ckpts["base"], {f"e{i}": e for i, e in enumerate(ckpts["experts"])}).values())
     keys = check_compatible(base, experts, ["a", "b", "c"])
     for top_k in (0.01, 0.2, 0.5, 1.0):
-        plan = _Plan(base, experts, ["a", "b", "c"], keys, "ties", {}, torch.device("cpu"), 1 << 20)
-        thresholds, _ = _ties_statistics(plan, top_k, progress=False)
-        assert thresholds == ties_trim_thresholds(vectors, top_k)
-        thresholds, _ = _ties_statistics(plan, top_k, progress=False, trim="top_k")
-        assert thresholds == ties_trim_thresholds(vectors, top_k, trim="top_k")
+        for budget in (1 << 20, 1):  # whole tensors, then one row per block
+            plan = CheckpointTaskVectors(base, experts, ["a", "b", "c"], keys, torch.device("cpu"), budget)
+            for trim in ("official", "top_k"):
+                expected = brute_force_thresholds(vectors, top_k, trim)
+                assert _ties_thresholds(plan, top_k, trim) == expected
+                assert ties_trim_thresholds(vectors, top_k, trim) == expected
 
 
 def test_ties_thresholds_are_exact_in_float64(tmp_path):
@@ -350,12 +363,13 @@ def test_ties_thresholds_are_exact_in_float64(tmp_path):
     reader = open_checkpoint(tmp_path / "base.safetensors")
     readers = [open_checkpoint(tmp_path / f"e{i}.safetensors") for i in range(2)]
     keys = check_compatible(reader, readers, ["a", "b"])
-    plan = _Plan(reader, readers, ["a", "b"], keys, "ties", {}, torch.device("cpu"), 1 << 20)
+    plan = CheckpointTaskVectors(reader, readers, ["a", "b"], keys, torch.device("cpu"), 1 << 20)
     total = sum(v.numel() for v in vectors[0].values())
     for top_k in (2 / total, 3 / total, 0.2):
         for trim in ("official", "top_k"):
-            thresholds, _ = _ties_statistics(plan, top_k, progress=False, trim=trim)
-            assert thresholds == ties_trim_thresholds(vectors, top_k, trim=trim)
+            expected = brute_force_thresholds(vectors, top_k, trim)
+            assert _ties_thresholds(plan, top_k, trim) == expected
+            assert ties_trim_thresholds(vectors, top_k, trim=trim) == expected
     streamed = dict(merged_deltas(reader, readers, "ties", params={"top_k": 3 / total}))
     expected = merge(vectors, "ties", top_k=3 / total)
     for k in expected:
