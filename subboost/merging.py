@@ -1,10 +1,10 @@
-"""Merging methods, each ONE definition run by ONE engine, in memory or streamed.
+"""Merging methods: each one definition, run by one engine in memory or streamed.
 
 A method (:class:`MergeMethod`, registered by name in :data:`METHODS`) is
 
 - a per-key **kernel** ``kernel(key, deltas, stats, options) -> Δm[key]``: the merged update
   of one tensor from the N task vectors' values of that tensor (``deltas``, in task order);
-- the whole-model **statistics** it declares, ``statistics(source, options) -> stats``:
+- the whole-model **statistics** it declares, ``statistics(source, options, progress) -> stats``:
   folds over every key of the task vectors that run before any kernel (TIES: each task's trim
   threshold and the majority sign; Consensus over TIES: the same; the other methods: none);
 - its α grid, a one-line summary with the citation, and the public function over
@@ -12,17 +12,20 @@ A method (:class:`MergeMethod`, registered by name in :data:`METHODS`) is
 
 The engine (:func:`run_merge`) folds the statistics, runs the kernel key by key (row block by
 row block on tensors that are not block matrices, when the source splits them), then
-Subspace Boosting (:mod:`subboost.boost`) per key, then LiNeS (paper Sec. 5; its default a is
-a statistic of the task vectors and of the merged update, so the merged update is held: in a
-dict here, in a spill file when streamed). Its input is a :class:`TaskVectorSource`:
+Subspace Boosting (paper Alg. 1, :mod:`subboost.boost`) per key, then LiNeS (the depth scaling
+the paper's experiments apply on top, Table 1; its default a is a statistic of the task
+vectors and of the merged update, so the merged update is held: in a dict here, in a spill
+file when streamed). Its input is a :class:`TaskVectorSource`:
 :class:`InMemoryTaskVectors` for task vectors held as dicts (:func:`merge`), or the
 checkpoint readers of :mod:`subboost.streaming` (:func:`subboost.streaming.stream_merge`),
-so both paths give the same tensors bit for bit. Methods that need the whole model at once
+so both paths give the same tensors bit for bit (for the same key order: LiNeS' default a
+adds per-key norms in key order). Methods that need the whole model at once
 (ESM, which also needs activations) declare ``whole_model``; the engine loads every key for them.
 
-Every method takes the list of task vectors Δ1..ΔN and returns the merged update Δm; the
-merged model is θ0 + α·Δm (:func:`subboost.taskvector.apply_task_vector`). The same table
-serves the notebooks, the CLI and the tests::
+Every method takes the list of task vectors Δi = θi − θ0 and returns the merged update Δm;
+the merged model is θ0 + α·Δm (paper Sec. 3, "Background";
+:func:`subboost.taskvector.apply_task_vector`). The same table serves the notebooks, the CLI
+and the tests::
 
     from subboost.merging import merge, METHODS
     delta = merge(vectors, "ties", top_k=0.2, boost_beta=0.0)   # TIES, then Subspace Boosting
@@ -345,10 +348,12 @@ def _ties_thresholds(source: TaskVectorSource, top_k: float, trim: str, progress
             for rows in source.row_blocks(key):
                 for t, d in enumerate(source.deltas(key, rows)):
                     bits = _magnitude_bits(d, dtype).reshape(-1).cpu()
-                    if p:
-                        bits = bits[(bits >> (shift + 16)) == prefix[t]]
+                    if p:  # entries whose higher bits are the selected prefix; their next 16 bits
+                        bits = bits[(bits >> (shift + 16)) == prefix[t]] >> shift & 0xFFFF
+                    else:  # the top 16 bits (the sign bit of |x| is 0): no mask, no int64 copy
+                        bits = bits >> shift
                     if bits.numel():
-                        hist[t] += torch.bincount(((bits >> shift) & 0xFFFF).to(torch.int64), minlength=1 << 16)
+                        hist[t] += torch.bincount(bits, minlength=1 << 16)
             bar.update(1)
         bar.close()
         for t in range(n):
