@@ -378,12 +378,18 @@ def ties_trim_thresholds(
     return _ties_thresholds(InMemoryTaskVectors(list(task_vectors)), top_k, trim)
 
 
+def _elected_signs(stack: Tensor) -> Tensor:
+    """TIES step 2 on trimmed values ``stack`` (tasks × ...): per entry, the sign of their
+    sum (0 for an exact tie)."""
+    return torch.sign(stack.sum(0))
+
+
 def ties_disjoint(stack: Tensor, majority_sign: float, aggregate: str = "mean") -> Tensor:
     """TIES steps 2-3 on trimmed values ``stack`` (tasks × ...): elect the sign per entry
     (sign of the sum; exact ties take ``majority_sign``), then aggregate the values that
     agree with it: their mean ("dis-mean") or sum ("dis-sum"); entries with none get 0."""
     _check_aggregate(aggregate)
-    sign = torch.sign(stack.sum(0))
+    sign = _elected_signs(stack)
     sign = torch.where(sign == 0, torch.full_like(sign, majority_sign), sign)
     agree = (torch.sign(stack) == sign.unsqueeze(0)) & (stack != 0)
     total = torch.where(agree, stack, torch.zeros_like(stack)).sum(0)
@@ -419,7 +425,7 @@ def _ties_statistics(source: TaskVectorSource, options: Mapping[str, Any], progr
     for key in source.keys:
         for rows in source.row_blocks(key):
             stack = _ties_trimmed(source.deltas(key, rows), thresholds)
-            majority += float(torch.sign(stack.sum(0)).sum())
+            majority += float(_elected_signs(stack).sum())
         bar.update(1)
     bar.close()
     return {"thresholds": thresholds, "majority_sign": majority_sign_of(majority)}
