@@ -22,9 +22,12 @@ What the chapters share (mathematics first):
 - :mod:`subboost.spectral` -- stable rank (Eq. 2), energy rank, spectra as tidy tables (Sec. 3, Supp. D).
 - :mod:`subboost.boost` -- Subspace Boosting, Alg. 1 (Sec. 4.1), its fast routes and the
   attention treatments.
-- :mod:`subboost.merging` -- the merging methods registered by name: TA, TIES, Consensus/TALL,
-  LiNeS, Iso-C, Iso-CTS, TSV-M, HO-SB, ESM (Sec. 5 baselines, Tables 1, 4).
-- :mod:`subboost.streaming` -- the same merges tensor by tensor over checkpoints on disk.
+- :mod:`subboost.merging` -- the merging methods registered by name, each one per-key kernel
+  plus the whole-model statistics it declares: TA, TIES, Consensus/TALL, LiNeS, Iso-C,
+  Iso-CTS, TSV-M, HO-SB, ESM (Sec. 5 baselines, Tables 1, 4); and the one engine that runs
+  them (then SB, Alg. 1, and LiNeS) on task vectors in memory or read from disk.
+- :mod:`subboost.streaming` -- checkpoints on disk as the engine's source: the same merges
+  tensor by tensor, written to a safetensors file.
 - :mod:`subboost.hogsvd` -- HO-GSVD, alignment matrices (Eq. 7), expert selection,
   Higher-Order SB, Alg. 2 (Sec. 4.2, Supp. G).
 - :mod:`subboost.synthetic` -- controlled task vectors with known parts and the numerical

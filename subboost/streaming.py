@@ -4,18 +4,15 @@ Real experts weigh 350 MB (ViT-B/32) to 1.7 GB (ViT-L/14) each; loading N of the
 models of memory. Here the merged model θ0 + α·Δm is built one tensor (or one row block of a
 large tensor) at a time, so that peak memory stays near one tensor per expert. Files are
 read and written by :mod:`subboost.io` (lazy readers by key, the streaming
-:class:`~subboost.io.SafetensorsWriter`, atomic and exclusive publication); this module is
-the merge engine:
-
-- :func:`merged_deltas` and :func:`stream_merge` call the registered merging functions of
-  :mod:`subboost.merging` on single-key task vectors, so the streamed result is the
-  library's by construction. Methods whose result for a key depends on that key only (TA,
-  averaging, Consensus over TA, Iso-C, Iso-CTS, TSV-M, HO-SB) run in one pass. TIES needs
-  two global statistics, each task's top-k magnitude threshold (found exactly by a two-pass
-  radix selection on the float32 bit patterns, never holding a whole task vector) and the
-  majority sign; LiNeS' default ``a`` needs the ℓ1 norm of the whole merged update (the
-  update is spilled to a temporary file in between). Other methods (ESM) are merged in
-  memory.
+:class:`~subboost.io.SafetensorsWriter`, atomic and exclusive publication). The merge itself is
+:mod:`subboost.merging`'s one engine (:func:`subboost.merging.run_merge`) run on
+:class:`CheckpointTaskVectors`, a source that reads Δi = θi − θ0 key by key: the methods'
+kernels and whole-model statistics are the in-memory ones, so the streamed result is the
+library's bit for bit. Statistics cost extra passes over the checkpoints (TIES' per-task
+thresholds: a radix selection on the magnitudes' bit patterns, 2 passes in float32, 4 in
+float64, then one for the majority sign); LiNeS' default ``a`` needs the ℓ1 norm of the whole
+merged update, which is spilled to a temporary file in between. Whole-model methods (ESM)
+are merged in memory.
 
 Inputs are validated before any work (method parameters, keys and shapes from the
 headers); every merged tensor is checked to be finite before it is written (a float16
@@ -41,7 +38,6 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from subboost.boost import boost_task_vector_with_report
 from subboost.io import (
     CheckpointReader,
     InputError,
@@ -52,9 +48,8 @@ from subboost.io import (
     expert_names,
     same_file,
 )
-from subboost.merging import METHODS, get_method, lines_scales
+from subboost.merging import LINES_ORDERS, METHODS, get_method, run_merge
 from subboost.taskvector import (
-    work_dtype,
     all_finite,
     apply_task_vector,
     is_projection_matrix,
@@ -64,7 +59,7 @@ from subboost.taskvector import (
 
 __all__ = [
     "check_compatible", "check_method_params", "merged_deltas",
-    "stream_merge", "MergeReport", "LOCAL_METHODS", "GLOBAL_METHODS", "iter_task_vectors", "block_keys",
+    "stream_merge", "MergeReport", "CheckpointTaskVectors", "iter_task_vectors", "block_keys",
 ]
 
 
@@ -103,16 +98,6 @@ def check_compatible(base: CheckpointReader, experts: Sequence[CheckpointReader]
             if b.dtype.is_floating_point != e.dtype.is_floating_point:
                 raise InputError(f"dtype mismatch for key '{key}': base {b.dtype} vs expert '{name}' {e.dtype} ({reader.path})")
     return [k for k in base_keys if k not in base_only and base.info(k).dtype.is_floating_point]
-
-
-LOCAL_METHODS = frozenset({"ta", "average", "iso-c", "iso-cts", "tsv", "ho-sb"})
-"""Methods whose merged value of a key depends only on that key's task vectors (streamed in
-one pass). Consensus is local too when its ``base`` is "ta"."""
-
-GLOBAL_METHODS = frozenset({"ties"})
-"""Methods streamed with extra passes for their global statistics (Consensus over TIES too)."""
-
-_ELEMENTWISE = frozenset({"ta", "average", "ties", "consensus"})
 
 
 _PARAM_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -209,19 +194,31 @@ def _is_block_candidate(key: str, info: TensorInfo) -> bool:
 
 
 @dataclass
-class _Plan:
+class CheckpointTaskVectors:
+    """The task vectors Δi = θi − θ0 of checkpoints on disk as a
+    :class:`subboost.merging.TaskVectorSource`: read key by key (row block by row block for
+    large tensors that are not block matrices), never held whole."""
+
     base: CheckpointReader
     experts: list[CheckpointReader]
     names: list[str]
     keys: list[str]  # task-vector keys (floating point), base order
-    method: str
-    params: dict[str, Any]
     device: torch.device
     budget: int
 
+    @property
+    def n_tasks(self) -> int:
+        return len(self.experts)
+
+    def numel(self, key: str) -> int:
+        return self.base.info(key).numel
+
+    def delta_dtype(self, key: str, task: int) -> torch.dtype:
+        return torch.promote_types(self.base.info(key).dtype, self.experts[task].info(key).dtype)
+
     def row_blocks(self, key: str) -> list[tuple[int, int] | None]:
-        """Row blocks for ``key``: whole block matrices (and everything for non-element-wise
-        methods' block candidates), otherwise blocks within the memory budget."""
+        """Row blocks for ``key``: whole block-matrix candidates (SB and the spectral methods
+        need whole matrices), otherwise blocks within the memory budget."""
         info = self.base.info(key)
         if not info.shape or info.shape[0] <= 1 or _is_block_candidate(key, info):
             return [None]
@@ -232,7 +229,7 @@ class _Plan:
             return [None]
         return [(r, min(r + rows, n)) for r in range(0, n, rows)]
 
-    def deltas(self, key: str, rows: tuple[int, int] | None) -> list[Tensor]:
+    def deltas(self, key: str, rows: tuple[int, int] | None = None) -> list[Tensor]:
         """Task vectors Δi = θi − θ0 of ``key`` (rows), moved to the compute device.
 
         Same rules as :func:`subboost.taskvector.task_vector` (Δ = θi − θ0 in the promoted
@@ -256,131 +253,30 @@ def _progress(total: int, desc: str, enabled: bool, unit: str = "tensor") -> Any
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def _magnitude_bits(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Bit patterns of |x| in ``dtype`` (float32 → int32, float64 → int64), monotone in the
-    magnitude."""
-    itype = torch.int64 if dtype == torch.float64 else torch.int32
-    return x.detach().abs().to(dtype).contiguous().view(itype)
+def _bars(enabled: bool) -> Callable[[int, str], Any]:
+    """The engine's progress callback (:data:`subboost.merging.Progress`): tqdm bars on stderr."""
+    return lambda total, desc: _progress(total, desc, enabled)
 
 
-def _select_from_top(hist: Tensor, rank: int) -> tuple[int, int]:
-    """Bin holding the ``rank``-th largest element (1-based) of a histogram, and the rank
-    inside that bin."""
-    rev = torch.flip(hist, [0]).cumsum(0)
-    pos = int(torch.searchsorted(rev, torch.tensor(rank, dtype=rev.dtype)))
-    b = hist.numel() - 1 - pos
-    above = int(rev[pos - 1]) if pos > 0 else 0
-    return b, rank - above
+@contextlib.contextmanager
+def _input_errors() -> Iterator[None]:
+    """Report the engine's ValueErrors (bad method options, LiNeS on an all-zero update) as
+    :class:`~subboost.io.InputError`."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise InputError(str(err)) from None
 
 
-def _ties_precision(plan: _Plan) -> torch.dtype:
-    """The precision TIES ranks magnitudes in, as :func:`subboost.merging.ties_trim_thresholds`:
-    float64 if any task-vector tensor (promoted base/expert dtype) is float64, else float32."""
-    for key in plan.keys:
-        for reader in plan.experts:
-            if torch.promote_types(plan.base.info(key).dtype, reader.info(key).dtype) == torch.float64:
-                return torch.float64
-    return torch.float32
+def _check_merged(method: str) -> Callable[[str, Tensor], None]:
+    def check(key: str, value: Tensor) -> None:
+        if not all_finite(value):
+            raise InputError(f"the merged update of key '{key}' ({method}) is not finite: "
+                             f"{value.dtype} overflow? (experts' differences too large for their dtype)")
 
-
-def _ties_statistics(plan: _Plan, top_k: float, progress: bool, trim: str = "official") -> tuple[list[float], float]:
-    """Exact TIES statistics over the whole task vectors: per-task trim thresholds (the m-th
-    largest magnitude, m = :func:`subboost.merging.ties_keep_count`, as ``torch.kthvalue`` in
-    :func:`subboost.merging.ties_trim_thresholds`) by a radix selection on the bit patterns of
-    the magnitudes, 16 bits per pass (2 passes in float32, 4 in float64, the precision of
-    the inputs), then the majority sign (:func:`subboost.merging.majority_sign_of`)."""
-    from subboost.merging import TIES_TRIM_RULES, majority_sign_of, ties_keep_count
-
-    top_k = float(top_k)
-    if not 0.0 < top_k <= 1.0:
-        raise InputError(f"ties: top_k is a fraction in (0, 1] (0.2 keeps 20%), got {top_k}")
-    if trim not in TIES_TRIM_RULES:
-        raise InputError(f"ties: trim must be one of {', '.join(TIES_TRIM_RULES)}; got '{trim}'")
-    n = len(plan.experts)
-    total = sum(plan.base.info(k).numel for k in plan.keys)
-    if total == 0:
-        raise InputError("ties: the task vectors are empty")
-    keep = ties_keep_count(total, top_k, trim)
-    dtype = _ties_precision(plan)
-    width = 64 if dtype == torch.float64 else 32
-    shifts = list(range(width - 16, -1, -16))
-    prefix = [0] * n
-    rank = [keep] * n
-    for p, shift in enumerate(shifts):
-        hist = torch.zeros(n, 1 << 16, dtype=torch.int64)
-        bar = _progress(len(plan.keys), f"ties: thresholds {p + 1}/{len(shifts)}", progress)
-        for key in plan.keys:
-            for rows in plan.row_blocks(key):
-                for t, d in enumerate(plan.deltas(key, rows)):
-                    bits = _magnitude_bits(d, dtype).reshape(-1).cpu()
-                    if p:
-                        bits = bits[(bits >> (shift + 16)) == prefix[t]]
-                    if bits.numel():
-                        hist[t] += torch.bincount(((bits >> shift) & 0xFFFF).to(torch.int64), minlength=1 << 16)
-            bar.update(1)
-        bar.close()
-        for t in range(n):
-            b, rank[t] = _select_from_top(hist[t], rank[t])
-            prefix[t] = (prefix[t] << 16) | b
-    itype = torch.int64 if dtype == torch.float64 else torch.int32
-    thresholds = []
-    for t in range(n):
-        value = prefix[t] - (1 << width) if prefix[t] >= 1 << (width - 1) else prefix[t]
-        thresholds.append(float(torch.tensor([value], dtype=itype).view(dtype)))
-    majority = 0.0
-    bar = _progress(len(plan.keys), "ties: majority sign", progress)
-    for key in plan.keys:
-        for rows in plan.row_blocks(key):
-            stack = _ties_trimmed(plan.deltas(key, rows), thresholds)
-            majority += float(torch.sign(stack.sum(0)).sum())
-        bar.update(1)
-    bar.close()
-    return thresholds, majority_sign_of(majority)
-
-
-def _ties_trimmed(deltas: list[Tensor], thresholds: Sequence[float]) -> Tensor:
-    stack = torch.stack([d.to(work_dtype(d)) for d in deltas])
-    thr = torch.tensor(list(thresholds), dtype=stack.dtype, device=stack.device).view(-1, *([1] * (stack.ndim - 1)))
-    return torch.where(stack.abs() >= thr, stack, torch.zeros_like(stack))
-
-
-def _ties_merge(deltas: list[Tensor], thresholds: Sequence[float], majority_sign: float, aggregate: str = "mean") -> Tensor:
-    """TIES on one key given the global statistics; same steps as :func:`subboost.merging.ties`."""
-    from subboost.merging import ties_disjoint
-
-    return ties_disjoint(_ties_trimmed(deltas, thresholds), majority_sign, aggregate).to(deltas[0].dtype)
-
-
-def _merge_fn(plan: _Plan, progress: bool) -> Callable[[str, list[Tensor]], Tensor]:
-    """Per-key merge function ``(key, deltas) → merged delta`` (after any global pass)."""
-    from subboost.merging import TIES_AGGREGATES
-
-    method, params = plan.method, dict(plan.params)
-    fn = get_method(method).fn
-    for name in ("aggregate", "ties_aggregate"):
-        if params.get(name, "mean") not in TIES_AGGREGATES:
-            raise InputError(f"{method}: {name} must be one of {', '.join(TIES_AGGREGATES)}; got '{params[name]}'")
-    if method == "ties":
-        thresholds, majority = _ties_statistics(plan, params.get("top_k", 0.2), progress, params.get("trim", "official"))
-        aggregate = params.get("aggregate", "mean")
-        return lambda key, ds: _ties_merge(ds, thresholds, majority, aggregate)
-    if method == "consensus" and params.get("base", "ta") == "ties":
-        from subboost.merging import consensus_apply, tall_masks
-
-        k = int(params.get("k", 2))
-        if k < 1:
-            raise InputError(f"consensus k must be ≥ 1, got {k}")
-        thresholds, majority = _ties_statistics(plan, params.get("top_k", 0.2), progress, params.get("trim", "official"))
-        lambdas = params.get("lambdas", 0.4)
-        aggregate = params.get("ties_aggregate", "sum")
-
-        def cons_ties(key: str, ds: list[Tensor]) -> Tensor:
-            value = _ties_merge(ds, thresholds, majority, aggregate)
-            masks = tall_masks([{key: d} for d in ds], lambdas, reference={key: value})
-            return consensus_apply({key: value}, masks, k)[key]
-
-        return cons_ties
-    return lambda key, ds: fn([{key: d} for d in ds], **params)[key]
+    return check
 
 
 def merged_deltas(
@@ -400,13 +296,14 @@ def merged_deltas(
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(key, Δm[key])`` for the task-vector keys in base order: the method's merged
     update of each key, boosted (``boost_beta`` not None; ``boost_options`` go to
-    :func:`subboost.boost.boost_task_vector`), before LiNeS and α. Same values as
-    :func:`subboost.merging.merge` on the loaded task vectors.
+    :func:`subboost.boost.boost_task_vector`), before LiNeS and α. The engine and the
+    kernels are :func:`subboost.merging.run_merge`'s, so the values are those of
+    :func:`subboost.merging.merge` on the loaded task vectors, bit for bit.
 
-    ``keys`` restricts the keys yielded (global statistics still use every key).
-    ``memory_budget`` bounds the row blocks of large element-wise tensors. ``boost_rows``,
-    if given, receives the Subspace Boosting report rows. Methods outside
-    :data:`LOCAL_METHODS`, :data:`GLOBAL_METHODS` and Consensus are merged in memory.
+    ``keys`` restricts the keys yielded (whole-model statistics still use every key).
+    ``memory_budget`` bounds the row blocks of large tensors that are not block matrices.
+    ``boost_rows``, if given, receives the Subspace Boosting report rows. Whole-model methods
+    (:attr:`subboost.merging.MergeMethod.whole_model`, ESM) are merged in memory.
     """
     params = check_method_params(method, dict(params or {}))
     experts = list(experts)
@@ -414,64 +311,12 @@ def merged_deltas(
         raise InputError("need at least one expert")
     names = list(names) if names is not None else expert_names([r.path for r in experts])
     all_keys = check_compatible(base, experts, names)
-    wanted = set(all_keys if keys is None else keys)
-    plan = _Plan(base, experts, names, all_keys, method, params, torch.device(device), int(memory_budget))
-    def boosted(key: str, value: Tensor) -> Tensor:
-        if not all_finite(value):
-            raise InputError(f"the merged update of key '{key}' ({method}) is not finite: "
-                             f"{value.dtype} overflow? (experts' differences too large for their dtype)")
-        return _boost_key(key, value, boost_beta, boost_options, boost_rows)
-
-    streamable = method in LOCAL_METHODS or method in GLOBAL_METHODS or method == "consensus"
-    if not streamable:
-        yield from _in_memory_deltas(plan, wanted, boosted, progress)
-        return
-    merge_key = _merge_fn(plan, progress)
-    elementwise = method in _ELEMENTWISE
-    bar = _progress(len(wanted), f"merge ({method})", progress)
-    for key in all_keys:
-        if key not in wanted:
-            continue
-        blocks = plan.row_blocks(key) if elementwise or not _is_block_candidate(key, base.info(key)) else [None]
-        if blocks == [None]:
-            value = merge_key(key, plan.deltas(key, None))
-        else:
-            parts = [merge_key(key, plan.deltas(key, rows)) for rows in blocks]
-            value = torch.cat(parts, 0)
-            del parts
-        yield key, boosted(key, value).cpu()
-        bar.update(1)
-    bar.close()
-
-
-def _boost_key(key: str, value: Tensor, beta: float | None, options: Mapping[str, Any] | None,
-               rows: list[dict] | None) -> Tensor:
-    """Subspace Boosting of one merged key (``beta`` None: unchanged), report rows into ``rows``."""
-    if beta is None:
-        return value
-    out, report = boost_task_vector_with_report({key: value}, beta, **dict(options or {}))
-    if rows is not None:
-        rows.extend(report.to_dict("records"))
-    return out[key]
-
-
-def _in_memory_deltas(plan: _Plan, wanted: set[str], boosted: Callable[[str, Tensor], Tensor], progress: bool) -> Iterator[tuple[str, Tensor]]:
-    from subboost.merging import merge as library_merge
-
-    vectors: list[dict[str, Tensor]] = [{} for _ in plan.experts]
-    bar = _progress(len(plan.keys), "load (in memory)", progress)
-    for key in plan.keys:
-        for t, d in enumerate(plan.deltas(key, None)):
-            vectors[t][key] = d
-        bar.update(1)
-    bar.close()
-    try:
-        merged = library_merge(vectors, plan.method, **plan.params)
-    except TypeError as err:
-        raise InputError(f"method '{plan.method}': {err}") from None
-    for key in plan.keys:
-        if key in wanted:
-            yield key, boosted(key, merged[key]).cpu()
+    source = CheckpointTaskVectors(base, experts, names, all_keys, torch.device(device), int(memory_budget))
+    with _input_errors():
+        _, items = run_merge(method, source, params, boost_beta=boost_beta, boost_options=boost_options, keys=keys,
+                             check=_check_merged(method), boost_rows=boost_rows, progress=_bars(progress))
+    for key, value in items:
+        yield key, value.cpu()
 
 
 def iter_task_vectors(
@@ -493,10 +338,10 @@ def iter_task_vectors(
     unknown = [k for k in keys if k not in set(all_keys)]
     if unknown:
         raise InputError(f"keys not in the task vectors: {unknown[:5]}")
-    plan = _Plan(base, experts, names, all_keys, "ta", {}, torch.device(device), 0)
+    source = CheckpointTaskVectors(base, experts, names, all_keys, torch.device(device), 0)
     bar = _progress(len(keys), desc, progress)
     for key in keys:
-        yield key, plan.deltas(key, None)
+        yield key, source.deltas(key, None)
         bar.update(1)
     bar.close()
 
@@ -541,12 +386,11 @@ def stream_merge(
     label: str | None = None,
 ) -> MergeReport:
     """Merge ``experts`` onto ``base`` and write θ0 + α·Δm to ``output`` (safetensors),
-    tensor by tensor. Δm = method → Subspace Boosting (``boost_beta``) → LiNeS (``lines_b``),
-    as :func:`subboost.merging.merge`. ``lines_order="before_boost"`` computes LiNeS' default a
-    from the un-boosted update (as :func:`subboost.merging.merge` with that order); the
-    per-layer scalars are applied after SB in both orders, which gives the same matrices
-    because SB(cM) = c·SB(M). Keys outside the task vector (integer buffers) are
-    copied from the base; dtypes are the base's.
+    tensor by tensor. Δm = method → Subspace Boosting (``boost_beta``) → LiNeS (``lines_b``,
+    ``lines_order``) by the engine of :func:`subboost.merging.merge`
+    (:func:`subboost.merging.run_merge`), so the update is the in-memory one bit for bit;
+    LiNeS' default a holds Δm in a temporary file beside ``output`` between its two passes.
+    Keys outside the task vector (integer buffers) are copied from the base; dtypes are the base's.
 
     The file appears only when complete and every merged tensor is finite
     (:func:`subboost.io.atomic_path`: an existing ``output`` is an error unless
@@ -563,20 +407,14 @@ def stream_merge(
             raise InputError(f"{what} must be finite, got {value}")
     if boost_beta is not None and not 0.0 <= float(boost_beta) <= 1.0:
         raise InputError(f"boost beta must lie in [0, 1], got {boost_beta}")
-    from subboost.merging import LINES_ORDERS
-
     if lines_order not in LINES_ORDERS:
         raise InputError(f"lines order must be one of {', '.join(LINES_ORDERS)}; got '{lines_order}'")
-    boost_late = lines_b is not None and lines_a is None and lines_order == "before_boost" and boost_beta is not None
     output = Path(output)
     experts = list(experts)
+    if not experts:
+        raise InputError("need at least one expert")
     names = list(names) if names is not None else expert_names([r.path for r in experts])
     rows: list[dict] = []
-    delta_iter = lambda: merged_deltas(  # noqa: E731
-        base, experts, method, names=names, params=params, boost_beta=None if boost_late else boost_beta,
-        boost_options=boost_options, device=device, memory_budget=memory_budget,
-        progress=progress, boost_rows=rows,
-    )
     keys_all = base.keys()
     infos = {k: base.info(k) for k in keys_all}
     meta = {
@@ -602,42 +440,34 @@ def stream_merge(
 
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_path(output, overwrite=overwrite, label=label))
-        a_used = lines_a
-        deltas: Iterator[tuple[str, Tensor]]
-        spilled = False
         task_keys = check_compatible(base, experts, names)
-        if lines_b is not None and lines_a is None:
-            # LiNeS' default a needs ‖Σ Δt‖1 and ‖Δm‖1 over the whole model: spill Δm first
-            # (un-boosted when LiNeS comes before SB: then SB runs when it is read back)
-            spill = stack.enter_context(_temporary_file(output.parent, f".{output.name}.delta."))
-            num = _ta_l1(base, experts, names, device, memory_budget, progress)
-            den = 0.0
-            spill_infos = {
-                k: TensorInfo(infos[k].shape, torch.promote_types(infos[k].dtype, experts[0].info(k).dtype))
-                for k in task_keys
-            }
-            writer = SafetensorsWriter(spill, spill_infos)
+        source = CheckpointTaskVectors(base, experts, names, task_keys, torch.device(device), int(memory_budget))
+        spilled = False
+
+        def spill(items: Iterator[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
+            # LiNeS' default a needs ‖Δm‖1 of the whole merged update before any key is
+            # scaled: the engine holds Δm in a temporary file beside the output
+            nonlocal spilled
+            path = stack.enter_context(_temporary_file(output.parent, f".{output.name}.delta."))
+            spill_infos = {k: TensorInfo(infos[k].shape, source.delta_dtype(k, 0)) for k in task_keys}
+            writer = SafetensorsWriter(path, spill_infos)
             try:
-                for key, value in delta_iter():
-                    value = value.to(spill_infos[key].dtype)
-                    den += float(value.abs().to(torch.float64).sum())
-                    writer.write(key, value)
+                for key, value in items:
+                    writer.write(key, value.to(spill_infos[key].dtype).cpu())
                 writer.close()
             except BaseException:
                 writer.abort()
                 raise
-            if den == 0.0:
-                raise InputError("LiNeS: the merged update is all zero")
-            a_used = num / den / len(experts)
-            spill_reader = stack.enter_context(SafetensorsReader(spill))
-            if boost_late:
-                deltas = ((k, _boost_key(k, spill_reader.read(k), boost_beta, boost_options, rows)) for k in task_keys)
-            else:
-                deltas = ((k, spill_reader.read(k)) for k in task_keys)
             spilled = True
-        else:
-            deltas = delta_iter()
-        scales = lines_scales(task_keys, a_used, lines_b) if lines_b is not None else None
+            reader = stack.enter_context(SafetensorsReader(path))
+            return ((k, reader.read(k).to(source.device)) for k in task_keys)
+
+        with _input_errors():
+            a_used, deltas = run_merge(
+                method, source, params, boost_beta=boost_beta, boost_options=boost_options, lines_b=lines_b,
+                lines_a=lines_a, lines_order=lines_order, hold=spill, check=_check_merged(method), boost_rows=rows,
+                progress=_bars(progress),
+            )
         meta["subboost.lines_a"] = "none" if a_used is None else repr(float(a_used))
         writer = SafetensorsWriter(tmp, infos, meta)
         try:
@@ -646,10 +476,7 @@ def stream_merge(
             for key in keys_all:
                 b = base.read(key)
                 if pending is not None and pending[0] == key:
-                    d = pending[1]
-                    if scales is not None:
-                        d = (d.to(work_dtype(d)) * scales[key]).to(d.dtype)
-                    merged = apply_task_vector({key: b}, {key: d}, float(alpha))[key]
+                    merged = apply_task_vector({key: b}, {key: pending[1].cpu()}, float(alpha))[key]
                     pending = next(deltas, None)
                 else:
                     merged = b
@@ -680,12 +507,3 @@ def _temporary_file(folder: Path, prefix: str) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
-
-
-def _ta_l1(base: CheckpointReader, experts: list[CheckpointReader], names: list[str], device: Any, budget: int, progress: bool) -> float:
-    """Σ_k ‖Σ_t Δt[k]‖1 (the numerator of LiNeS' default a), streamed."""
-    total = 0.0
-    for _, value in merged_deltas(base, experts, "ta", names=names, device=device, memory_budget=budget,
-                                  progress=progress):
-        total += float(value.to(work_dtype(value)).abs().sum())
-    return total

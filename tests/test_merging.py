@@ -316,3 +316,20 @@ def test_lines_order_with_sb():
         np.testing.assert_allclose(as_np(e1[k]), as_np(e2[k]), atol=1e-10)
     with pytest.raises(ValueError, match="lines_order"):
         merge(tvs, "ta", lines_b=b, lines_order="sideways")
+
+
+def test_registry_declares_kernels_and_statistics():
+    from subboost.merging import InMemoryTaskVectors, run_merge
+
+    for name, method in METHODS.items():
+        assert (method.kernel is None) == method.whole_model, name
+    assert METHODS["ties"].statistics is not None and METHODS["ta"].statistics is None
+    # whole-model statistics use every key even when fewer keys are asked for: TIES keeps the
+    # top 1 of the 4 entries (|x| ≥ 10, in "b"), so nothing of "a" survives (on "a" alone, 3
+    # would); keeping the top 2 (|x| ≥ 3) keeps a's 3
+    tvs = [{"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([10.0])}]
+    _, items = run_merge("ties", InMemoryTaskVectors(tvs), {"top_k": 0.25, "trim": "top_k"}, keys=["a"])
+    got = dict(items)
+    assert list(got) == ["a"] and got["a"].tolist() == [0.0, 0.0, 0.0]
+    _, items = run_merge("ties", InMemoryTaskVectors(tvs), {"top_k": 0.5, "trim": "top_k"}, keys=["a"])
+    assert dict(items)["a"].tolist() == [0.0, 0.0, 3.0]

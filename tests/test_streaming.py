@@ -23,10 +23,9 @@ from subboost.io import (
     load_state_dict,
     open_checkpoint,
 )
-from subboost.merging import merge, ties_trim_thresholds
+from subboost.merging import _ties_thresholds, merge, ties_trim_thresholds
 from subboost.streaming import (
-    _Plan,
-    _ties_statistics,
+    CheckpointTaskVectors,
     check_compatible,
     merged_deltas,
     stream_merge,
@@ -316,10 +315,23 @@ def test_row_blocks_give_the_same_result(ckpts, method, params):
     base, experts = open_all(ckpts, "pt")
     whole = dict(merged_deltas(base, experts, method, params=params, boost_beta=0.0))
     tiny = dict(merged_deltas(base, experts, method, params=params, boost_beta=0.0, memory_budget=1))
-    plan = _Plan(base, experts, ["a", "b", "c"], list(whole), method, params, torch.device("cpu"), 1)
+    plan = CheckpointTaskVectors(base, experts, ["a", "b", "c"], list(whole), torch.device("cpu"), 1)
     assert len(plan.row_blocks("token_embedding.weight")) == 64  # one row per block
     assert plan.row_blocks("visual.transformer.resblocks.0.mlp.c_fc.weight") == [None]  # SB needs whole matrices
     assert_close_dicts(whole, tiny, rtol=0, atol=0)
+
+
+def brute_force_thresholds(vectors, top_k, trim="official"):
+    """Per task, the m-th largest magnitude over every entry (float64 sort), m = ⌊P·K⌋ + 1
+    (official) or max(1, ⌊P·K⌋) (top_k), computed here from the definition."""
+    out = []
+    for tv in vectors:
+        flat = torch.cat([v.reshape(-1).double().abs() for v in tv.values()]).sort(descending=True).values
+        p = flat.numel()
+        share = int(p * top_k)
+        m = min(p, share + 1) if trim == "official" else max(1, share)
+        out.append(float(flat[m - 1]))
+    return out
 
 
 def test_ties_thresholds_are_exact(ckpts):
@@ -327,11 +339,12 @@ def test_ties_thresholds_are_exact(ckpts):
     vectors = list(task_vectors(ckpts["base"], {f"e{i}": e for i, e in enumerate(ckpts["experts"])}).values())
     keys = check_compatible(base, experts, ["a", "b", "c"])
     for top_k in (0.01, 0.2, 0.5, 1.0):
-        plan = _Plan(base, experts, ["a", "b", "c"], keys, "ties", {}, torch.device("cpu"), 1 << 20)
-        thresholds, _ = _ties_statistics(plan, top_k, progress=False)
-        assert thresholds == ties_trim_thresholds(vectors, top_k)
-        thresholds, _ = _ties_statistics(plan, top_k, progress=False, trim="top_k")
-        assert thresholds == ties_trim_thresholds(vectors, top_k, trim="top_k")
+        for budget in (1 << 20, 1) if top_k == 0.2 else (1 << 20,):  # whole tensors; one row per block
+            plan = CheckpointTaskVectors(base, experts, ["a", "b", "c"], keys, torch.device("cpu"), budget)
+            for trim in ("official", "top_k"):
+                expected = brute_force_thresholds(vectors, top_k, trim)
+                assert _ties_thresholds(plan, top_k, trim) == expected
+                assert ties_trim_thresholds(vectors, top_k, trim) == expected
 
 
 def test_ties_thresholds_are_exact_in_float64(tmp_path):
@@ -350,12 +363,13 @@ def test_ties_thresholds_are_exact_in_float64(tmp_path):
     reader = open_checkpoint(tmp_path / "base.safetensors")
     readers = [open_checkpoint(tmp_path / f"e{i}.safetensors") for i in range(2)]
     keys = check_compatible(reader, readers, ["a", "b"])
-    plan = _Plan(reader, readers, ["a", "b"], keys, "ties", {}, torch.device("cpu"), 1 << 20)
+    plan = CheckpointTaskVectors(reader, readers, ["a", "b"], keys, torch.device("cpu"), 1 << 20)
     total = sum(v.numel() for v in vectors[0].values())
     for top_k in (2 / total, 3 / total, 0.2):
         for trim in ("official", "top_k"):
-            thresholds, _ = _ties_statistics(plan, top_k, progress=False, trim=trim)
-            assert thresholds == ties_trim_thresholds(vectors, top_k, trim=trim)
+            expected = brute_force_thresholds(vectors, top_k, trim)
+            assert _ties_thresholds(plan, top_k, trim) == expected
+            assert ties_trim_thresholds(vectors, top_k, trim=trim) == expected
     streamed = dict(merged_deltas(reader, readers, "ties", params={"top_k": 3 / total}))
     expected = merge(vectors, "ties", top_k=3 / total)
     for k in expected:
@@ -474,3 +488,69 @@ def test_library_loader_agrees_with_reader(ckpts):
     sd = load_state_dict(ckpts["base_pt"])
     reader = open_checkpoint(ckpts["base_pt"])
     assert all(torch.equal(reader.read(k), v) for k, v in sd.items())
+
+
+# ----------------------------------------------------------------------------- one engine: memory = streamed
+
+
+ENGINE_PARAMS = {
+    "ta": {}, "average": {}, "ties": {"top_k": 0.3}, "consensus": {"k": 2, "base": "ties", "top_k": 0.3},
+    "iso-c": {}, "iso-cts": {}, "tsv": {}, "ho-sb": {},
+}
+ENGINE_POST = [
+    dict(),
+    dict(boost_beta=0.0),
+    dict(boost_beta=0.0, lines_b=0.5),  # default a: a whole-model statistic of the boosted update
+    dict(boost_beta=0.0, lines_b=0.5, lines_order="before_boost"),
+    dict(boost_beta=0.02, lines_b=0.4, lines_a=0.2, lines_order="before_boost", boost_options={"attention": "qkv"}),
+]
+
+
+def test_engine_cases_cover_every_streamable_method():
+    from subboost.merging import METHODS
+
+    # ESM needs activations, which checkpoints do not hold: it is merged in memory only
+    assert set(ENGINE_PARAMS) == {name for name, m in METHODS.items() if not m.whole_model}
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                ids=lambda d: str(d).split(".")[1])
+def typed_ckpts(request, tmp_path_factory):
+    """Base + 3 experts in one dtype (tiny CLIP, several keys of each kind), as safetensors."""
+    dtype = request.param
+    root = tmp_path_factory.mktemp(f"typed_{str(dtype).split('.')[1]}")
+    cast = lambda sd: {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}  # noqa: E731
+    base = clip_state_dict(width=16)
+    experts = [cast(expert_state_dict(base, s)) for s in range(3)]
+    base = cast(base)
+    save_file(base, root / "base.safetensors")
+    for i, e in enumerate(experts):
+        save_file(e, root / f"e{i}.safetensors")
+    return dict(root=root, base=base, experts=experts)
+
+
+@pytest.mark.parametrize("method", list(ENGINE_PARAMS))
+def test_memory_and_streamed_give_identical_tensors(typed_ckpts, method, tmp_path):
+    """The in-memory merge and the streamed merge (row blocks of a few rows, LiNeS with its
+    spill file) give the same tensors bit for bit: one engine, one kernel per method."""
+    root, params = typed_ckpts["root"], ENGINE_PARAMS[method]
+    order = open_checkpoint(root / "base.safetensors").keys()  # LiNeS' a sums per-key norms in key order
+    vectors = [{k: tv[k] for k in order if k in tv}
+               for tv in task_vectors(typed_ckpts["base"], {f"e{i}": e for i, e in enumerate(typed_ckpts["experts"])}).values()]
+    for post in ENGINE_POST:
+        in_memory = merge(vectors, method, **post, **params)
+        assert all(in_memory[k].dtype == vectors[0][k].dtype for k in in_memory)
+        base = open_checkpoint(root / "base.safetensors")
+        experts = [open_checkpoint(root / f"e{i}.safetensors") for i in range(3)]
+        if "lines_b" not in post:
+            streamed = dict(merged_deltas(base, experts, method, params=params, memory_budget=4096,
+                                          boost_beta=post.get("boost_beta"), boost_options=post.get("boost_options")))
+            assert sorted(streamed) == sorted(in_memory)
+            for k in in_memory:
+                assert streamed[k].dtype == in_memory[k].dtype and torch.equal(streamed[k], in_memory[k]), (post, k)
+        out = tmp_path / "merged.safetensors"
+        stream_merge(base, experts, out, method, params=params, alpha=0.7, memory_budget=4096, overwrite=True, **post)
+        expected = apply_task_vector(typed_ckpts["base"], in_memory, 0.7)
+        got = load_file(out)
+        for k in expected:
+            assert got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]), (post, k)
