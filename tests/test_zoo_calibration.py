@@ -45,3 +45,13 @@ def test_zoo_sets_name_the_profile():
     assert [z for _, z in zc.zoo_set("ci")] == ["ci-v2", "ci"]  # the chapters' zoo last
     with pytest.raises(ValueError, match="parameter 'profile'"):
         zc.zoo_set("huge")
+
+
+def test_alpha_sentence_reads_the_measurements():
+    same = zc.alpha_sentence({"zoo v2": {"alpha_ta_20": 0.05, "relative_size": 0.06},
+                              "zoo v3": {"alpha_ta_20": 0.05, "relative_size": 0.03}})
+    assert "0.05 on zoo v2 (relative size ‖Δ‖/‖θ0‖ 6.0%)" in same and "shrank by 2.0×" in same and "below" in same
+    inside = zc.alpha_sentence({"a": {"alpha_ta_20": 0.3, "relative_size": 0.06},
+                                "b": {"alpha_ta_20": 0.2, "relative_size": 0.03}})
+    assert "shrank" not in inside and inside.endswith("lies inside the paper's grid (0.1 … 1).")
+    assert "not measured" in zc.alpha_sentence({"a": {"relative_size": 0.1}})

@@ -185,3 +185,28 @@ def suites_summary(pair: Mapping[str, object]) -> pd.DataFrame:
                        "zero-shot (%)": round(100 * float(ref.zeroshot.mean()), 1),
                        "fine-tuned (%)": round(100 * float(ref.finetuned.mean()), 1)}
     return pd.DataFrame(rows)
+
+
+def alpha_sentence(measured: Mapping[str, Mapping[str, float]], n_tasks: int = 20) -> str:
+    """TA's α at ``n_tasks`` and the task vectors' relative size on each zoo, and what their
+    joint change says (computed from the measurements, for the text)."""
+    from subboost import paper
+
+    key = f"alpha_ta_{n_tasks}"
+    have = {label: m for label, m in measured.items() if m.get(key) is not None and m.get("relative_size") is not None}
+    if not have:
+        return f"TA's α at {n_tasks} tasks was not measured (the suites have fewer tasks)."
+    low, high = paper.ALPHA_GRID_TA[0], paper.ALPHA_GRID_TA[-1]
+    parts = [f"{m[key]:g} on {label} (relative size ‖Δ‖/‖θ0‖ {100 * m['relative_size']:.1f}%)" for label, m in have.items()]
+    text = f"TA's α chosen on validation at {n_tasks} tasks: " + "; ".join(parts) + "."
+    alphas = [m[key] for m in have.values()]
+    sizes = [m["relative_size"] for m in have.values()]
+    if len(have) >= 2 and max(alphas) == min(alphas) and max(sizes) > 1.2 * min(sizes):
+        text += (f" The experts' updates shrank by {max(sizes) / min(sizes):.1f}× without moving α: in a near-linear "
+                 "regime the optimum would grow as the updates shrink, so what keeps it "
+                 + ("below" if alphas[0] < low else "where it is") + " the paper's grid "
+                 f"({low:g} … {high:g}) is how strongly this small network's experts interfere when "
+                 f"{n_tasks} are summed, not the size of each update.")
+    elif all(low <= a <= high for a in alphas):
+        text += f" Every zoo's choice lies inside the paper's grid ({low:g} … {high:g})."
+    return text
