@@ -23,7 +23,7 @@ import math
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar, Iterable, Iterator
+from typing import Callable, ClassVar, Iterable, Iterator
 
 import torch
 
@@ -93,6 +93,36 @@ def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * progress)) * base
+
+
+def train_with_frozen_head(opt: torch.optim.Optimizer, batch_loss: Callable[[torch.Tensor], torch.Tensor], *,
+                           n: int, steps: int, batch_size: int, lr: float, warmup: int, generator: torch.Generator,
+                           progress: bool = True, desc: str = "finetune", log_every: int = 10) -> list[float]:
+    """The experts' optimisation loop of both zoos: ``steps`` mini-batches of ``batch_size``
+    indices into ``n`` examples, drawn from one permutation by ``generator`` (a new one when
+    the current permutation runs out), the learning rate of :func:`cosine_lr` set before each
+    step, and one optimiser step on ``batch_loss(indices)`` (the zoo's forward pass through the
+    trained weights and the frozen head). Returns the loss per step."""
+    from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
+
+    order, pos = torch.randperm(n, generator=generator), 0
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        idx = order[pos:pos + batch_size]
+        pos += batch_size
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, warmup)
+        loss = batch_loss(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
 
 
 def zoo_cli(prog: str, description: str, profiles: Iterable[str], threads_default: int | None,

@@ -13,10 +13,9 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
 from subboost.langzoo.model import BLOCK_PREFIX, encode_from
-from subboost.zoo_common import cosine_lr
+from subboost.zoo_common import train_with_frozen_head
 
 
 def block_state(blocks: torch.nn.ModuleList, first: int) -> dict[str, Tensor]:
@@ -64,27 +63,15 @@ def finetune(
               {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=lr)
     w = head.to(device)
-    n = labels.numel()
-    order, pos = torch.randperm(n, generator=gen), 0
-    losses: list[float] = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
-    for step in bar:
-        if pos + batch_size > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + batch_size]
-        pos += batch_size
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup)
+
+    def batch_loss(idx: Tensor) -> Tensor:
         m = mask[idx]
         length = _batch_len(m)
         feats = encode_from(trained, hidden[idx, :length].to(device), m[:, :length].to(device))
-        loss = F.cross_entropy(feats @ w.T, labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        return F.cross_entropy(feats @ w.T, labels[idx].to(device))
+
+    losses = train_with_frozen_head(opt, batch_loss, n=labels.numel(), steps=steps, batch_size=batch_size, lr=lr,
+                                    warmup=warmup, generator=gen, progress=progress, desc=desc, log_every=10)
     for p in trained.parameters():
         p.requires_grad_(False)
     return trained.to("cpu").eval(), losses

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from subboost.zoo.model import normalize_images
 from subboost.zoo.tasks import pretraining_batch
-from subboost.zoo_common import cosine_lr
+from subboost.zoo_common import cosine_lr, train_with_frozen_head
 
 
 @contextlib.contextmanager
@@ -162,28 +162,14 @@ def finetune(
     visual.train()
     opt = torch.optim.AdamW(_param_groups(list(visual.named_parameters()), weight_decay), lr=lr)
     w = head.to(device)
-    x_all = images
-    n = labels.numel()
-    order = torch.randperm(n, generator=gen)
-    pos = 0
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
-    for step in bar:
-        if pos + batch_size > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + batch_size]
-        pos += batch_size
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup)
-        x = normalize_images(x_all[idx]).to(device)
-        y = labels[idx].to(device)
-        feats = visual(x)
+
+    def batch_loss(idx: Tensor) -> Tensor:
+        feats = visual(normalize_images(images[idx]).to(device))
         feats = feats / feats.norm(dim=-1, keepdim=True)
-        loss = F.cross_entropy(feats @ w.T, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        return F.cross_entropy(feats @ w.T, labels[idx].to(device))
+
+    train_with_frozen_head(opt, batch_loss, n=labels.numel(), steps=steps, batch_size=batch_size, lr=lr,
+                           warmup=warmup, generator=gen, progress=progress, desc=desc, log_every=20)
     expert.eval()
     return {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()}
 
