@@ -55,3 +55,13 @@ def test_alpha_sentence_reads_the_measurements():
                                 "b": {"alpha_ta_20": 0.2, "relative_size": 0.03}})
     assert "shrank" not in inside and inside.endswith("lies inside the paper's grid (0.1 … 1).")
     assert "not measured" in zc.alpha_sentence({"a": {"relative_size": 0.1}})
+
+
+def test_beta_note_names_zoos_where_beta_changes_nothing():
+    def run(label, accs):
+        betas = pd.DataFrame({"method": [f"TA+SB β={b}" for b in (0.0, 0.01, 0.02)] + ["Zero-shot"],
+                              "accuracy": [*accs, 40.0]})
+        return zc.HeadlineRun(label, pd.DataFrame(), betas, pd.DataFrame(), None, {})
+    assert zc.beta_note([run("zoo v2", [55.0, 55.0, 55.0]), run("zoo v3", [55.0, 54.0, 55.0])]).startswith(
+        "On zoo v2 every β")
+    assert zc.beta_note([run("a", [1.0, 2.0, 3.0])]) == ""
