@@ -302,3 +302,12 @@ def test_compare_to_random_hand_computed():
     same = it.compare_to_random(it.SelectionRun(None, None, rows.assign(acc=[60.0, 50, 50, 50, 50]),
                                                 pd.DataFrame()), "acc")
     assert not same.beyond_noise and "cannot be estimated" in same.sentence("x")
+
+
+def test_sizes_beside_paper_reads_the_papers_sizes():
+    from subboost.chapters import hogsvd_alignment as ha
+
+    table = ha.sizes_beside_paper(ha.chapter_sizes("ci", 20), 20, [8])
+    assert table["paper"].tolist()[:8] == [8, 20, "3 / 14 / 3", 5, 10, "8 of 20", 20, "8, 14, 20"]  # paper Tables 5, 9, 10
+    assert table.loc["Table 9: task counts N", "this run"] == "8"
+    assert table.loc["Table 5: random draws", "this run"] == 8

@@ -125,6 +125,31 @@ def chapter_sizes(profile: str, n_tasks: int, n_random_draws: int | None = None)
     return sizes
 
 
+def sizes_beside_paper(sizes: ChapterSizes, n_tasks: int, table9_counts: Sequence[int]) -> pd.DataFrame:
+    """The experiment sizes of this run beside the paper's (:data:`PAPER_SIZES`,
+    :data:`subboost.paper.TASK_COUNTS`, the 20 tasks of :data:`subboost.paper.PAPER_TASKS`)."""
+    def column(s: ChapterSizes, tasks: int, counts: Sequence[int], rows: Sequence[str]) -> list:
+        return [s.spectra_tasks, tasks, f"{s.pool} / {s.candidates} / {s.external}", s.select_k, s.table5_draws,
+                f"{s.table10_k} of {tasks}", s.table10_draws, ", ".join(map(str, counts)), ", ".join(rows)]
+
+    return pd.DataFrame({
+        "this run": column(sizes, n_tasks, table9_counts, sizes.table9_methods),
+        "paper": column(PAPER_SIZES, len(paper.PAPER_TASKS), paper.TASK_COUNTS, tuple(paper.TABLE9_VIT_B32)),
+    }, index=["Fig. 5a: single task vectors", "Fig. 5b, 13: experts in the alignment matrix",
+              "Table 5: pool / candidates / external", "Table 5: experts chosen", "Table 5: random draws",
+              "Table 10: experts chosen", "Table 10: random draws", "Table 9: task counts N", "Table 9: rows"])
+
+
+def paper_selection_numbers() -> dict[str, str]:
+    """The paper's Table 5 and Table 10 numbers as the chapter's introduction quotes them
+    (from :mod:`subboost.paper`)."""
+    (r_pool, r_ext), (h_pool, h_ext) = paper.TABLE5["Random"], paper.TABLE5["HO-GSVD"]
+    return {"paper_t5_pool": f"{h_pool:g} % vs {r_pool:g} %",
+            "paper_t5_ext": f"{h_ext:g} % both" if h_ext == r_ext else f"{h_ext:g} % vs {r_ext:g} %",
+            "paper_t10": f"{paper.TABLE10['HO-GSVD']:g} % vs {paper.TABLE10['Random']:g} ± "
+                         f"{paper.TABLE10['Random (std)']:g} %"}
+
+
 def check_pi(pi: float) -> float:
     """The HO-GSVD regularisation π of Eq. 32 (the paper's: :data:`subboost.paper.HOGSVD_PI`): a
     finite number > 0."""

@@ -101,3 +101,14 @@ def build_costs(suite: LanguageSuite) -> pd.DataFrame:
                          seconds_per_step=rec.get("train_seconds", float("nan")) / max(1, cfg.steps),
                          final_loss=sum(tail) / len(tail)))
     return pd.DataFrame(rows).set_index("task")
+
+
+def paper_table2_numbers() -> dict[str, str]:
+    """The paper's Table 2 (T5; 8 QA / 7 NLP tasks) numbers as the chapter's introduction quotes
+    them (from :data:`subboost.paper.TABLE2_T5`)."""
+    from subboost.paper import TABLE2_T5
+
+    def pair(row: str) -> str:
+        return " / ".join(f"{v:.1f}%" for v in TABLE2_T5[row])
+
+    return {"paper_t2_ta": pair("TA"), "paper_t2_ft": pair("Fine-tuned"), "paper_t2_sb": pair("SB")}
