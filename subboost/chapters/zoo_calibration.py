@@ -5,10 +5,11 @@ Two mini zoos share one pretrained base and differ only in their experts' fine-t
 *v2* (the book's zoo until the calibration; AdamW lr 5e-4, batch 64, weight decay 0.01) and
 *v3* (the book's zoo now; the recipe moved toward the published one of the real checkpoints).
 This module measures both on the calibration quantities of :mod:`subboost.calibration`
-(published values with sources; the introduction shows the table) and recomputes the four
+(published values with sources; the introduction shows the table) and recomputes five
 headline verdicts of the book on each, with the same settings on both:
 
-- rank collapse (paper Sec. 3, Fig. 2, 7; claim ``rank-collapse``),
+- rank collapse (paper Sec. 3, Fig. 2, 7; claim ``rank-collapse``) and whether the falling
+  stable rank of TA merges goes with falling accuracy (Fig. 3; claim ``rank-accuracy``),
 - SB's gain over Task Arithmetic (Sec. 5, Table 1; claim ``sb-improves``, TA only here),
 - robustness to β (Tables 3a, 7; claim ``beta``),
 - HO-GSVD expert selection against random draws (Sec. 4.2, Table 5; claim ``selection-pool``).
@@ -35,7 +36,7 @@ ZOO_SETS: dict[str, tuple[tuple[str, str], ...]] = {
 #: where the appendix tests less than the claim states
 SCOPE = {"sb-improves": " (TA only here)", "selection-pool": " (Table 5 protocol, TA+SB merges)"}
 #: the claims whose verdicts are recomputed on both zoos
-HEADLINE_CLAIMS = ("rank-collapse", "sb-improves", "beta", "selection-pool")
+HEADLINE_CLAIMS = ("rank-collapse", "rank-accuracy", "sb-improves", "beta", "selection-pool")
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def zoo_set(profile: str) -> tuple[tuple[str, str], ...]:
 @dataclass
 class HeadlineRun:
     """What :func:`headline_run` measured on one zoo: the TA / TA+SB table, the β table, the
-    stable ranks, the selection run, the calibration measurements and the four verdicts."""
+    stable ranks, the selection run, the calibration measurements and the headline verdicts."""
 
     label: str
     results: pd.DataFrame
@@ -98,7 +99,8 @@ def headline_run(suite, profile: str, alpha_grid: Sequence[float], label: str, s
     sizes = SIZES[profile]
     grid = tuple(float(a) for a in alpha_grid)
     ta, sb = ex.Variant("TA", "ta", alpha_grid=grid), ex.Variant("TA+SB", "ta", boost_beta=0.0, alpha_grid=grid)
-    results = ex.results_table(suite, sizes.sb_counts, [ta, sb], alpha_grid=grid, progress=progress)
+    counts = sorted(set(sizes.sb_counts) | set(sizes.rank_counts))
+    results = ex.results_table(suite, counts, [ta, sb], alpha_grid=grid, progress=progress)
     beta_variants = [ex.Variant(f"TA+SB β={b}", "ta", boost_beta=b, alpha_grid=grid) for b in sizes.betas]
     betas = ex.results_table(suite, [sizes.beta_count], beta_variants, alpha_grid=grid, progress=progress)
     ranks = ex.rank_collapse_table(suite, sizes.rank_counts, method="ta")
@@ -113,13 +115,17 @@ def headline_run(suite, profile: str, alpha_grid: Sequence[float], label: str, s
     evaluator = it.merge_and_evaluate(suite, ex.Variant("TA+SB", "ta", boost_beta=0.0), grid)
     selection = it.run_selection(proto, align, evaluator, alpha_grid=grid)
 
-    acc = {m: results[results.method == m].set_index("n_tasks").accuracy for m in ("TA", "TA+SB")}
+    acc = {m: results[(results.method == m) & results.n_tasks.isin(sizes.sb_counts)].set_index("n_tasks").accuracy
+           for m in ("TA", "TA+SB")}
+    ta_norm = results[results.method == "TA"].set_index("n_tasks").normalized_accuracy
     trend = stable_rank_trend(ranks)
     mean_srank = {n: trend[f"mean_stable_rank_{n}"] for n in sizes.rank_counts}
     acc_beta = {b: betas[betas.method == f"TA+SB β={b}"].set_index("n_tasks").accuracy.to_dict()
                 for b in sizes.betas}
     verdicts = {
         "rank-collapse": claims.rank_collapse(mean_srank, trend["share_falling"]),
+        "rank-accuracy": claims.rank_accuracy([mean_srank[n] for n in sizes.rank_counts],
+                                              [float(ta_norm[n]) for n in sizes.rank_counts]),
         "sb-improves": claims.sb_improves_merging({"TA": (acc["TA+SB"] - acc["TA"]).round(1).to_dict()}),
         "beta": claims.beta_robust(acc_beta),
         "selection-pool": it.compare_to_random(selection, "Pool accuracy").verdict(),
