@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -114,7 +115,7 @@ PROFILES: dict[str, ZooConfig] = {
     # learning rate of 1e-4 (experts below the zoo's targets: mean fine-tuned 0.848, 19 of 20
     # specialised)
     "ci-v3-b128": ZooConfig(profile="ci-v3-b128", finetune_batch=128, **V3_RECIPE),
-    "ci-v3-lr1e-4": ZooConfig(profile="ci-v3-lr1e-4", finetune_lr=1e-4, finetune_weight_decay=0.1),
+    "ci-v3-lr1e-4": ZooConfig(profile="ci-v3-lr1e-4", **{**V3_RECIPE, "finetune_lr": 1e-4}),
     # a larger model trained longer (meant for a GPU; also runs on CPU, slowly), v3's weight decay
     "full": ZooConfig(profile="full", image_size=48, patch_size=8, width=256, layers=8, head_width=64, embed_dim=256,
                       text_width=256, text_layers=4, pretrain_steps=6000, pretrain_batch=256, pretrain_lr=5e-4,
@@ -247,8 +248,6 @@ def find_shared_base(config: ZooConfig, root: Path) -> Path | None:
 
 def _share_base(base_file: Path, mdir: Path) -> None:
     """Copy another zoo's base files and pretraining record into ``mdir``."""
-    import shutil
-
     sources = [base_file, base_file.with_suffix(".safetensors"), base_file.parents[1] / "pretrain_loss.json"]
     targets = [mdir / base_file.parent.name / base_file.name,
                mdir / base_file.parent.name / base_file.with_suffix(".safetensors").name,

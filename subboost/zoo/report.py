@@ -175,15 +175,6 @@ def calibration_section(suite, config: Mapping | None = None, interference: pd.D
     return calibration_table(calibration_measurements(suite, config, interference, progress), column=column)
 
 
-def calibration_comparison(suites: Mapping[str, object], progress: bool = False) -> pd.DataFrame:
-    """:func:`subboost.calibration.comparison_table` of several suites (label → suite), each
-    measured by :func:`calibration_measurements` with its own zoo config."""
-    from subboost.calibration import comparison_table
-
-    return comparison_table({label: calibration_measurements(suite, suite_config(suite), progress=progress)
-                             for label, suite in suites.items()})
-
-
 def _cell(value) -> str:
     if isinstance(value, float):
         if math.isnan(value):
