@@ -56,6 +56,7 @@ DEVICES = ("auto", "cpu", "cuda")
 #: Every chapter's parameters cell must define these (the runner injects them).
 REQUIRED_PARAMETERS = ("profile", "device", "seed", "output_dir")
 REPORT_NAME = "execution_report.txt"
+RESULTS_CACHE_NAME = ".results_cache"  # under the executed folder: merges evaluated once per book run
 MANIFEST_NAME = "manifest.json"
 
 Log = Callable[[str], None]
@@ -129,7 +130,7 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
     - ``profile`` ∈ {smoke, ci, full}; ``device`` ∈ {auto, cpu, cuda}, resolved (the
       request is kept as ``device_requested``);
     - ``seed``: integer ≥ 0;
-    - ``output_dir``: a path (created) or ``None``;
+    - ``output_dir``, ``results_cache``: a path (created) or ``None``;
     - ``task_counts`` and every ``*_task_counts``: non-empty list of distinct integers ≥ 1
       (returned sorted);
     - ``betas`` and every ``*betas``: non-empty list of numbers in [0, 1] (Alg. 1's β);
@@ -164,7 +165,7 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ParameterError(name, f"expected an integer ≥ 0, got {value!r}")
             out[name] = value
-        elif name == "output_dir":
+        elif name in ("output_dir", "results_cache"):
             if value is None:
                 out[name] = None
             else:
@@ -479,6 +480,8 @@ def execute_chapter(
         raise BookError(f"{chapter.name}: the parameters cell must define {', '.join(missing)}")
     params: dict[str, Any] = dict(profile=profile, device=device, seed=seed,
                                   output_dir=str(executed_dir / chapter.name))
+    if "results_cache" in declared:  # chapters share evaluated merges (subboost.experiments.ResultCache)
+        params["results_cache"] = str(executed_dir / RESULTS_CACHE_NAME)
     params.update({k: v for k, v in (overrides or {}).items() if k in declared})
 
     inputs = executed_dir / ".inputs"

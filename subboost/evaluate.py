@@ -161,6 +161,10 @@ class SuiteBase:
     name: str
     task_names: list[str]
     _acc: dict[str, dict[str, float]]
+    #: identifies the checkpoints, data and recorded accuracies exactly (a mini zoo's folder and
+    #: build record); ``None``: unknown, so results are never cached across chapters
+    #: (:class:`subboost.experiments.ResultCache`)
+    fingerprint: str | None = None
 
     def head(self, task: str) -> Tensor:
         """The ``(C, D)`` zero-shot head of ``task`` (logit scale included)."""

@@ -16,8 +16,11 @@ that chapter's module under :mod:`subboost.chapters`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import pandas as pd
@@ -96,18 +99,110 @@ def merge_variant(vectors: Mapping[str, StateDict], variant: Variant, lines_b: f
     return delta, time.perf_counter() - start
 
 
+class ResultCache:
+    """Evaluated merges shared between the chapters of one book run, kept on disk.
+
+    Chapters 1, 3 and the appendix evaluate some of the same merges (TA and TA+SB at the
+    Table 1 counts, the β ablation) with the same protocol; with one cache folder (the book
+    runner passes ``executed/.results_cache`` as the chapters' ``results_cache`` parameter) a
+    later chapter reads what an earlier one measured instead of merging and evaluating again.
+    A cached row is the row :func:`evaluate_variant` computed, so a chapter gives the same
+    numbers whether it runs alone or after the others (only ``merge_seconds``, a timing, comes
+    from the first run).
+
+    The key holds everything the row depends on: the suite's ``fingerprint`` (the zoo's
+    folder and a digest of its ``build.json``; a suite without one, e.g. real checkpoints, is
+    never cached), the tasks in order, the variant's fields except its label, the α grid used, the
+    device, torch's version and thread count, and a digest of this package's source (a code
+    change never reuses an older row). Rows are published atomically (one JSON file per key)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._code = _source_digest()
+
+    def key(self, suite: Suite, tasks: Sequence[str], variant: Variant, alphas: Sequence[float]) -> str | None:
+        """The row's key (hex digest), or ``None`` when ``suite`` has no fingerprint."""
+        fingerprint = getattr(suite, "fingerprint", None)
+        if not fingerprint:
+            return None
+        fields = {k: v for k, v in asdict(variant).items() if k not in ("label", "alpha_grid")}  # α: ``alphas``
+        parts = dict(suite=fingerprint, tasks=list(tasks), variant=fields, alphas=[float(a) for a in alphas],
+                     device=str(getattr(suite, "device", "cpu")), torch=torch.__version__,
+                     threads=torch.get_num_threads(), code=self._code)
+        text = json.dumps(parts, sort_keys=True, default=repr)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def load(self, key: str, label: str) -> dict | None:
+        """The row stored under ``key`` with ``method`` set to ``label``, or ``None``."""
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        stored = json.loads(path.read_text())
+        row = {k: v for k, v in stored["row"]}
+        per_task = pd.DataFrame(stored["per_task"], columns=stored["per_task_columns"])
+        per_task.attrs.update(stored["per_task_attrs"])
+        row["method"] = label
+        row["per_task"] = per_task
+        return row
+
+    def store(self, key: str, row: Mapping) -> None:
+        """Publish ``row`` (a row of :func:`evaluate_variant`) under ``key``."""
+        from subboost.zoo_common import write_json
+
+        per_task = row["per_task"]
+        write_json(self._path(key), {
+            "row": [[k, v] for k, v in row.items() if k != "per_task"],
+            "per_task": per_task.to_dict("list"), "per_task_columns": list(per_task.columns),
+            "per_task_attrs": dict(per_task.attrs)})
+
+
+def _source_digest() -> str:
+    """sha256 of the package's Python sources (a cache key part: a code change invalidates)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def as_result_cache(cache: "ResultCache | str | Path | None") -> "ResultCache | None":
+    """A chapter's ``results_cache`` parameter (a folder or ``None``) as a :class:`ResultCache`."""
+    if cache is None or isinstance(cache, ResultCache):
+        return cache
+    return ResultCache(cache)
+
+
 def evaluate_variant(suite: Suite, tasks: Sequence[str], variant: Variant,
                      vectors: Mapping[str, StateDict] | None = None,
-                     alpha_grid: Sequence[float] | None = None) -> dict:
+                     alpha_grid: Sequence[float] | None = None, cache: ResultCache | None = None) -> dict:
     """Merge the tasks' experts with ``variant``, choose α (and LiNeS b) on validation, test once.
 
     Returns a row: method, n_tasks, accuracy and normalized_accuracy (test, percent, mean over
     tasks), alpha, alpha_at_edge (the chosen α is the grid's smallest or largest: widen the
     grid), lines_b, merge_seconds, per_task (DataFrame of the test evaluation). ``alpha_grid``
-    overrides the variant's own grid.
+    overrides the variant's own grid. With ``cache`` (:class:`ResultCache`) a row evaluated
+    before with the same key is read back instead; ``vectors`` must then be the suite's own
+    task vectors of ``tasks`` (or ``None``).
     """
-    vectors = vectors if vectors is not None else suite.task_vectors(tasks)
     alphas = tuple(alpha_grid) if alpha_grid is not None else variant.alphas()
+    key = cache.key(suite, tasks, variant, alphas) if cache is not None else None
+    if key is not None:
+        row = cache.load(key, variant.label)
+        if row is not None:
+            return row
+    row = _evaluate_variant(suite, tasks, variant, vectors, alphas)
+    if key is not None:
+        cache.store(key, row)
+    return row
+
+
+def _evaluate_variant(suite: Suite, tasks: Sequence[str], variant: Variant,
+                      vectors: Mapping[str, StateDict] | None, alphas: tuple[float, ...]) -> dict:
+    vectors = vectors if vectors is not None else suite.task_vectors(tasks)
     best = None
     for b in (variant.lines_b_grid or (None,)):
         delta, seconds = merge_variant(vectors, variant, lines_b=b)
@@ -171,7 +266,8 @@ def suite_spec(suite: Suite) -> "SuiteSpec":
 
 def results_table(suite: Suite, task_counts: Iterable[int], variants: Sequence[Variant] = TABLE1_VARIANTS,
                   alpha_grid: Sequence[float] | None = None, progress: bool = True,
-                  executor: "str | Executor | None" = None, ray_address: str | None = None) -> pd.DataFrame:
+                  executor: "str | Executor | None" = None, ray_address: str | None = None,
+                  cache: ResultCache | None = None) -> pd.DataFrame:
     """Long table (method, n_tasks, accuracy, normalized_accuracy, alpha, ...) for the variants,
     plus zero-shot and fine-tuned reference rows.
 
@@ -183,19 +279,20 @@ def results_table(suite: Suite, task_counts: Iterable[int], variants: Sequence[V
     ``"ray"`` with ``ray_address`` (one Ray task per (N, variant), the suite rebuilt on the
     workers from its parameters), or an executor of :mod:`subboost.executor`. Rows come
     back in the same order and with the same values whatever the executor; only
-    ``merge_seconds`` is a timing."""
+    ``merge_seconds`` is a timing. ``cache`` (:class:`ResultCache`, local executor only): rows
+    evaluated before with the same settings are read back, new ones stored."""
     subsets = task_subsets(suite, task_counts)
     first = subsets[min(subsets)]
     jobs = [(n, v) for n in subsets for v in variants]
     bar = tqdm(total=len(jobs), desc="merge + evaluate", disable=not progress)
     if getattr(executor, "name", executor) in (None, "local"):  # today's loop, in this process
         rows = []
-        cache: dict[int, dict] = {}
+        held: dict[int, dict] = {}
         for n, variant in jobs:
-            if n not in cache:
-                cache.clear()  # keep one set of task vectors in memory
-                cache[n] = suite.task_vectors(subsets[n])
-            rows.append(_table_row(evaluate_variant(suite, subsets[n], variant, cache[n], alpha_grid), first))
+            if n not in held:
+                held.clear()  # keep one set of task vectors in memory
+                held[n] = suite.task_vectors(subsets[n])
+            rows.append(_table_row(evaluate_variant(suite, subsets[n], variant, held[n], alpha_grid, cache), first))
             bar.update(1)
     else:
         from subboost.executor import make_executor

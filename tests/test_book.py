@@ -228,6 +228,24 @@ def test_progress_reaches_the_terminal_not_the_notebook(tmp_path, capsys):
     assert os.environ.get(book.PROGRESS_ENV) is None  # the runner restored its environment
 
 
+SHARING = FAILING.replace("output_dir = None\n", "output_dir = None\nresults_cache = None\n").replace(
+    "y = x / 0", "import pathlib\npathlib.Path(output_dir).mkdir(parents=True)\n"
+    "pathlib.Path(output_dir, 'cache.txt').write_text(str(results_cache))")
+
+
+def test_runner_gives_chapters_that_declare_it_one_shared_results_cache(tmp_path):
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    (nbdir / "01_shares.md").write_text(SHARING)
+    (nbdir / "02_fails.md").write_text(FAILING)  # declares no results_cache: gets none
+    out = tmp_path / "executed"
+    book.main(["execute", "--profile", "smoke", "--device", "cpu", "--notebooks-dir", str(nbdir),
+               "--executed-dir", str(out), "--keep-going"])
+    assert (out / "01_shares" / "cache.txt").read_text() == str(out / book.RESULTS_CACHE_NAME)
+    assert json.loads((out / book.MANIFEST_NAME).read_text())["01_shares"]["status"] == "ok"
+    assert "results_cache" not in nbformat.read(out / "02_fails.failed.ipynb", as_version=4).cells[1].source
+
+
 def test_generated_pages_from_records(tmp_path):
     from subboost import claims
 

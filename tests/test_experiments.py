@@ -98,3 +98,68 @@ def test_language_task_counts_skips_what_does_not_fit():
     assert language_task_counts(Stub(), [8, 2], "smoke") == ([2, 3], [])
     with pytest.raises(ValueError, match="'task_counts'"):
         language_task_counts(Stub(), [1, 8], "ci")
+
+
+class CountingSuite(StubSuite):
+    """The stub with a fingerprint (so its results may be cached) that counts evaluations."""
+
+    def __init__(self, fingerprint="stub:1"):
+        self.fingerprint = fingerprint
+        self.device = "cpu"
+        self.loads = 0
+
+    def load_merged(self, delta, alpha):
+        self.loads += 1
+        return super().load_merged(delta, alpha)
+
+
+def test_result_cache_reads_back_the_hand_computed_rows_without_evaluating(tmp_path):
+    cache = ex.ResultCache(tmp_path / "cache")
+    first = CountingSuite()
+    ex.results_table(first, [2, 3], [ex.Variant("TA", "ta", alpha_grid=(0.5, 1.0))], progress=False, cache=cache)
+    assert first.loads == 2 * (2 + 1)  # per N: two α on validation, one test
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+    again = CountingSuite()
+    # another label, the same grid given to the table instead of the variant: the same merges
+    long = ex.results_table(again, [2, 3], [ex.Variant("Task Arithmetic", "ta")], alpha_grid=(0.5, 1.0),
+                            progress=False, cache=cache)
+    assert again.loads == 0
+    row = long[long.method == "Task Arithmetic"].set_index("n_tasks")
+    assert row.loc[3, "normalized_accuracy"] == pytest.approx(100 * (0.8 + 0.9 + 0.9) / 3)
+    assert row.loc[3, "first_normalized_accuracy"] == pytest.approx(100 * (0.8 + 0.9) / 2)
+    assert row.loc[2, "accuracy"] == pytest.approx(100 * 0.8 * 0.9)
+    assert list(long.columns) == list(ex.results_table(CountingSuite(), [2, 3], [ex.Variant("TA", "ta")],
+                                                       alpha_grid=(0.5, 1.0), progress=False).columns)
+    hit = ex.evaluate_variant(again, ["A", "B", "C"], ex.Variant("TA", "ta"), alpha_grid=(0.5, 1.0), cache=cache)
+    assert again.loads == 0
+    assert hit["per_task"].task.tolist() == ["A", "B", "C"]
+    assert hit["per_task"].normalized_accuracy.tolist() == pytest.approx([0.8, 0.9, 0.9])
+    assert hit["per_task"].attrs["alpha"] == 0.5 and hit["per_task"].attrs["split"] == "test"
+
+
+@pytest.mark.parametrize("change", ["grid", "tasks", "params", "boost", "suite"])
+def test_result_cache_misses_when_anything_the_row_depends_on_changes(tmp_path, change):
+    cache = ex.ResultCache(tmp_path)
+    base = dict(tasks=["A", "B"], variant=ex.Variant("TA", "ta"), grid=(0.5,), suite="stub:1")
+    ex.evaluate_variant(CountingSuite(base["suite"]), base["tasks"], base["variant"], alpha_grid=base["grid"],
+                        cache=cache)
+    other = dict(base)
+    other.update({"grid": dict(grid=(0.5, 1.0)), "tasks": dict(tasks=["A", "C"]),
+                  "params": dict(variant=ex.Variant("TA", "ta", {"scale": 1.0})),
+                  "boost": dict(variant=ex.Variant("TA", "ta", boost_beta=0.0)),
+                  "suite": dict(suite="stub:2")}[change])
+    suite = CountingSuite(other["suite"])
+    if change in ("params", "boost"):  # the stub's merge ignores them: count evaluations only
+        suite.load_merged = lambda delta, alpha, s=suite: (setattr(s, "loads", s.loads + 1), 2)[1]
+    try:
+        ex.evaluate_variant(suite, other["tasks"], other["variant"], alpha_grid=other["grid"], cache=cache)
+    except TypeError:  # "scale" is not a TA option: the merge ran, so the cache missed
+        assert change == "params"
+        return
+    assert suite.loads > 0
+
+
+def test_result_cache_skips_suites_without_a_fingerprint(tmp_path):
+    cache = ex.ResultCache(tmp_path)
+    ex.results_table(StubSuite(), [2], [ex.Variant("TA", "ta", alpha_grid=(0.5,))], progress=False, cache=cache)
+    assert list(tmp_path.iterdir()) == []

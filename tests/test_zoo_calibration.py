@@ -24,10 +24,10 @@ def test_verdict_comparison_marks_changed_claims_and_names_them():
     assert table.loc["beta", "zoo v3: verdict"] == claims.REPRODUCED
     assert table.loc["beta", "zoo v2: ours"] == "zoo v2 numbers"
     text = zc.changes_sentence(table, ["zoo v2", "zoo v3"])
-    assert text == ("1 of 5 headline verdicts change with the zoo: beta (partly on zoo v2, reproduced on zoo v3). "
-                    "The other 4 stay the same.")
+    assert text == ("1 of 6 headline verdicts change with the zoo: beta (partly on zoo v2, reproduced on zoo v3). "
+                    "The other 5 stay the same.")
     unchanged = zc.verdict_comparison([_run("zoo v2", same), _run("zoo v3", same)])
-    assert zc.changes_sentence(unchanged, ["zoo v2", "zoo v3"]) == "All 5 headline verdicts are the same on both zoos."
+    assert zc.changes_sentence(unchanged, ["zoo v2", "zoo v3"]) == "All 6 headline verdicts are the same on both zoos."
     all_changed = zc.verdict_comparison([_run("a", same), _run("b", {c: claims.NOT_REPRODUCED for c in same})])
     assert zc.changes_sentence(all_changed, ["a", "b"]).endswith("selection-pool (partly on a, not reproduced on b).")
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 import pandas as pd
 import torch
 
-from subboost.experiments import Suite, Variant, merge_variant, results_table
+from subboost.experiments import ResultCache, Suite, Variant, merge_variant, results_table
 from subboost.spectral import spectra_table
 from subboost.taskvector import StateDict
 
@@ -31,10 +31,11 @@ if TYPE_CHECKING:
 
 def ablation_table(suite: Suite, task_counts: Iterable[int], variants: Sequence[Variant],
                    alpha_grid: Sequence[float] | None = None, progress: bool = True,
-                   executor: "str | Executor | None" = None, ray_address: str | None = None) -> pd.DataFrame:
+                   executor: "str | Executor | None" = None, ray_address: str | None = None,
+                   cache: ResultCache | None = None) -> pd.DataFrame:
     """Like :func:`subboost.experiments.results_table` without the reference rows (Tables 3, 7)."""
     long = results_table(suite, task_counts, variants, alpha_grid=alpha_grid, progress=progress,
-                         executor=executor, ray_address=ray_address)
+                         executor=executor, ray_address=ray_address, cache=cache)
     return long[~long.method.isin(["Zero-shot", "Fine-tuned"])].reset_index(drop=True)
 
 

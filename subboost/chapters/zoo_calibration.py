@@ -5,12 +5,13 @@ Two mini zoos share one pretrained base and differ only in their experts' fine-t
 *v2* (the book's zoo until the calibration; AdamW lr 5e-4, batch 64, weight decay 0.01) and
 *v3* (the book's zoo now; the recipe moved toward the published one of the real checkpoints).
 This module measures both on the calibration quantities of :mod:`subboost.calibration`
-(published values with sources; the introduction shows the table) and recomputes five
+(published values with sources; the introduction shows the table) and recomputes six
 headline verdicts of the book on each, with the same settings on both:
 
 - rank collapse (paper Sec. 3, Fig. 2, 7; claim ``rank-collapse``) and whether the falling
   stable rank of TA merges goes with falling accuracy (Fig. 3; claim ``rank-accuracy``),
-- SB's gain over Task Arithmetic (Sec. 5, Table 1; claim ``sb-improves``, TA only here),
+- SB's gain over Task Arithmetic (Sec. 5, Table 1; claim ``sb-improves``, TA only here) and
+  whether SB and LiNeS are complementary (Table 1; claim ``sb-lines``),
 - robustness to β (Tables 3a, 7; claim ``beta``),
 - HO-GSVD expert selection against random draws (Sec. 4.2, Table 5; claim ``selection-pool``).
 
@@ -36,7 +37,7 @@ ZOO_SETS: dict[str, tuple[tuple[str, str], ...]] = {
 #: where the appendix tests less than the claim states
 SCOPE = {"sb-improves": " (TA only here)", "selection-pool": " (Table 5 protocol, TA+SB merges)"}
 #: the claims whose verdicts are recomputed on both zoos
-HEADLINE_CLAIMS = ("rank-collapse", "rank-accuracy", "sb-improves", "beta", "selection-pool")
+HEADLINE_CLAIMS = ("rank-collapse", "rank-accuracy", "sb-improves", "sb-lines", "beta", "selection-pool")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class HeadlineSizes:
     """Sizes of the headline experiments of a profile (the same on both zoos).
 
     rank_counts: N of the stable-rank trend [paper Fig. 2: 4 … 20];
-    sb_counts: N of the TA vs TA+SB comparison [Table 1: 8, 14, 20];
+    sb_counts: N of the TA vs TA+SB and the ±LiNeS comparisons [Table 1: 8, 14, 20];
     beta_count: the N of the β ablation [Table 3a: 8]; betas: the β values.
     Selection uses chapter 4's sizes of the same profile."""
 
@@ -71,8 +72,9 @@ def zoo_set(profile: str) -> tuple[tuple[str, str], ...]:
 
 @dataclass
 class HeadlineRun:
-    """What :func:`headline_run` measured on one zoo: the TA / TA+SB table, the β table, the
-    stable ranks, the selection run, the calibration measurements and the headline verdicts."""
+    """What :func:`headline_run` measured on one zoo: the TA / TA+SB / ±LiNeS table, the β
+    table, the stable ranks, the selection run, the calibration measurements and the headline
+    verdicts."""
 
     label: str
     results: pd.DataFrame
@@ -84,11 +86,15 @@ class HeadlineRun:
 
 
 def headline_run(suite, profile: str, alpha_grid: Sequence[float], label: str, seed: int = 0,
-                 n_random_draws: int | None = None, pi: float = 1e-2, progress: bool = False) -> HeadlineRun:
+                 n_random_draws: int | None = None, pi: float = 1e-2, progress: bool = False,
+                 lines_b_grid: Sequence[float] | None = None, cache=None) -> HeadlineRun:
     """Run the headline experiments on one suite and judge them with the claims' rules.
 
-    α is chosen on validation from ``alpha_grid`` for every merge (TA, TA+SB, each β, each
-    selected or random set of experts), then the test splits are evaluated once."""
+    α is chosen on validation from ``alpha_grid`` for every merge (TA, TA+SB, TA+LiNeS(+SB)
+    with LiNeS' b from ``lines_b_grid``, default chapter 3's, each β, each selected or random
+    set of experts), then the test splits are evaluated once. ``cache``
+    (:class:`subboost.experiments.ResultCache`): merges chapters 1 and 3 evaluated with the
+    same settings on the same zoo are read back, not recomputed."""
     from subboost import experiments as ex
     from subboost import hogsvd as hg
     from subboost.chapters import hogsvd_alignment as it
@@ -100,9 +106,17 @@ def headline_run(suite, profile: str, alpha_grid: Sequence[float], label: str, s
     grid = tuple(float(a) for a in alpha_grid)
     ta, sb = ex.Variant("TA", "ta", alpha_grid=grid), ex.Variant("TA+SB", "ta", boost_beta=0.0, alpha_grid=grid)
     counts = sorted(set(sizes.sb_counts) | set(sizes.rank_counts))
-    results = ex.results_table(suite, counts, [ta, sb], alpha_grid=grid, progress=progress)
+    results = ex.results_table(suite, counts, [ta, sb], alpha_grid=grid, progress=progress, cache=cache)
+    b_grid = tuple(float(b) for b in (ex.LINES_B if lines_b_grid is None else lines_b_grid))
+    lines = [ex.Variant("TA+LiNeS", "ta", lines_b_grid=b_grid, alpha_grid=grid),
+             ex.Variant("TA+LiNeS+SB", "ta", boost_beta=0.0, lines_b_grid=b_grid, alpha_grid=grid)]
+    with_lines = ex.results_table(suite, sorted(sizes.sb_counts), lines, alpha_grid=grid, progress=progress,
+                                  cache=cache)
+    results = pd.concat([results, with_lines[with_lines.method.isin(["TA+LiNeS", "TA+LiNeS+SB"])]],
+                        ignore_index=True)
     beta_variants = [ex.Variant(f"TA+SB β={b}", "ta", boost_beta=b, alpha_grid=grid) for b in sizes.betas]
-    betas = ex.results_table(suite, [sizes.beta_count], beta_variants, alpha_grid=grid, progress=progress)
+    betas = ex.results_table(suite, [sizes.beta_count], beta_variants, alpha_grid=grid, progress=progress,
+                             cache=cache)
     ranks = ex.rank_collapse_table(suite, sizes.rank_counts, method="ta")
 
     measurements = calibration_measurements(suite, suite_config(suite), interference=results, progress=progress)
@@ -116,7 +130,7 @@ def headline_run(suite, profile: str, alpha_grid: Sequence[float], label: str, s
     selection = it.run_selection(proto, align, evaluator, alpha_grid=grid)
 
     acc = {m: results[(results.method == m) & results.n_tasks.isin(sizes.sb_counts)].set_index("n_tasks").accuracy
-           for m in ("TA", "TA+SB")}
+           for m in ("TA", "TA+SB", "TA+LiNeS", "TA+LiNeS+SB")}
     ta_norm = results[results.method == "TA"].set_index("n_tasks").normalized_accuracy
     trend = stable_rank_trend(ranks)
     mean_srank = {n: trend[f"mean_stable_rank_{n}"] for n in sizes.rank_counts}
@@ -127,6 +141,7 @@ def headline_run(suite, profile: str, alpha_grid: Sequence[float], label: str, s
         "rank-accuracy": claims.rank_accuracy([mean_srank[n] for n in sizes.rank_counts],
                                               [float(ta_norm[n]) for n in sizes.rank_counts]),
         "sb-improves": claims.sb_improves_merging({"TA": (acc["TA+SB"] - acc["TA"]).round(1).to_dict()}),
+        "sb-lines": claims.sb_lines_complementary(*(acc[m].to_dict() for m in ("TA+LiNeS+SB", "TA+SB", "TA+LiNeS"))),
         "beta": claims.beta_robust(acc_beta),
         "selection-pool": it.compare_to_random(selection, "Pool accuracy").verdict(),
     }

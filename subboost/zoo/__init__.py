@@ -19,6 +19,7 @@ cache, build).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from subboost.zoo.build import (
@@ -65,6 +66,9 @@ def load_suite(
                                     f"python -m subboost.zoo build --profile {config.profile}")
         build(config, root=root, device=device, progress=progress)
     name = register(config, folder)
-    return load_release(folder, model=name, tasks=list(config.tasks), data_root=folder / "data",
-                        layout="tall_masks", device=device, batch_size=batch_size, recorded_accuracies=True,
-                        cache_experts=True, name=f"zoo:{config.dirname()}")
+    suite = load_release(folder, model=name, tasks=list(config.tasks), data_root=folder / "data",
+                         layout="tall_masks", device=device, batch_size=batch_size, recorded_accuracies=True,
+                         cache_experts=True, name=f"zoo:{config.dirname()}")
+    build_record = hashlib.sha256((folder / "build.json").read_bytes()).hexdigest()[:16]
+    suite.fingerprint = f"zoo:{config.dirname()}:{build_record}:batch{int(batch_size)}"
+    return suite
