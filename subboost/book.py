@@ -104,7 +104,7 @@ _REQUIRED_VALUES = ("profile", "device", "seed", "task_counts", "betas", "alpha_
 
 
 def _is_list_parameter(name: str) -> bool:
-    return name.endswith(("task_counts", "betas", "alpha_grid", "gammas"))
+    return name.endswith(("task_counts", "betas", "alpha_grid", "gammas", "_seeds"))
 
 
 def _device_parameter(device: str) -> str:
@@ -136,6 +136,7 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
     - ``betas`` and every ``*betas``: non-empty list of numbers in [0, 1] (Alg. 1's β);
     - ``alpha_grid`` and every ``*alpha_grid``: non-empty list of finite numbers > 0;
     - ``gammas`` and every ``*gammas``: non-empty list of finite numbers ≥ 0 (Supp. E.4);
+    - every ``*_seeds``: non-empty list of distinct integers ≥ 0;
     - ``zoo_root``, ``checkpoint_root``, ``data_root``: ``None`` or an existing directory;
     - ``model``: ``None`` or a non-empty string;
     - ``pi``: a finite number > 0 (HO-GSVD's π, :func:`subboost.chapters.hogsvd_alignment.check_pi`);
@@ -185,6 +186,13 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
                 if not _is_number(v) or not 0.0 <= float(v) <= 1.0:
                     raise ParameterError(name, f"β must lie in [0, 1] (Alg. 1), got {v!r} in {items}")
             out[name] = [float(v) for v in items]
+        elif name.endswith("_seeds"):
+            items = _as_list(name, value)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items):
+                raise ParameterError(name, f"expected integers ≥ 0, got {items}")
+            if len(set(items)) != len(items):
+                raise ParameterError(name, f"seeds must be distinct, got {items}")
+            out[name] = list(items)
         elif name == "alpha_grid" or name.endswith("alpha_grid"):
             items = _as_list(name, value)
             for v in items:

@@ -65,3 +65,61 @@ def test_beta_note_names_zoos_where_beta_changes_nothing():
     assert zc.beta_note([run("zoo v2", [55.0, 55.0, 55.0]), run("zoo v3", [55.0, 54.0, 55.0])]).startswith(
         "On zoo v2 every β")
     assert zc.beta_note([run("a", [1.0, 2.0, 3.0])]) == ""
+
+
+def _numbers_run(label: str, ta: dict, sb: dict, ranks: dict, ho: float, random: list[float]) -> zc.HeadlineRun:
+    results = pd.DataFrame(
+        [dict(method="Zero-shot", n_tasks=n, accuracy=10.0) for n in ta]
+        + [dict(method="TA", n_tasks=n, accuracy=a) for n, a in ta.items()]
+        + [dict(method="TA+SB", n_tasks=n, accuracy=a) for n, a in sb.items()])
+    rank_rows = pd.DataFrame([dict(n_tasks=n, stable_rank=r) for n, rs in ranks.items() for r in rs])
+    rows = pd.DataFrame([dict(kind="HO-GSVD", **{"Pool accuracy": ho})]
+                        + [dict(kind="Random", **{"Pool accuracy": r}) for r in random])
+
+    class Selection:
+        pass
+
+    sel = Selection()
+    sel.rows = rows
+    return zc.HeadlineRun(label, results, pd.DataFrame(), rank_rows, sel, {},
+                          {cid: claims.Verdict(claims.PARTLY, "r", "o") for cid in zc.HEADLINE_CLAIMS})
+
+
+def test_seed_spread_mean_and_standard_error_by_hand():
+    a = _numbers_run("s0", {8: 50.0, 20: 40.0}, {8: 56.0, 20: 43.0}, {8: [2.0, 4.0]}, 60.0, [50.0, 54.0])
+    b = _numbers_run("s1", {8: 54.0, 20: 40.0}, {8: 58.0, 20: 45.0}, {8: [4.0, 4.0]}, 58.0, [52.0, 52.0])
+    spread = zc.seed_spread([a, b])
+    assert spread.loc["TA accuracy, N=8", "mean"] == pytest.approx(52.0)
+    # two values 50, 54: sample std 2·√2, standard error 2·√2 / √2 = 2
+    assert spread.loc["TA accuracy, N=8", "standard error"] == pytest.approx(2.0)
+    assert spread.loc["TA accuracy, N=20", "standard error"] == pytest.approx(0.0)
+    assert spread.loc["TA+SB − TA, N=8", "mean"] == pytest.approx((6.0 + 4.0) / 2)
+    assert spread.loc["TA+SB − TA, N=20", "min"] == pytest.approx(3.0)
+    assert spread.loc["TA mean stable rank, N=8", "mean"] == pytest.approx((3.0 + 4.0) / 2)
+    assert spread.loc["random draws, pool accuracy (mean)", "mean"] == pytest.approx(52.0)
+    assert spread.loc["HO-GSVD selection, pool accuracy", "max"] == pytest.approx(60.0)
+    assert (spread.seeds == 2).all()
+    assert "Zero-shot accuracy, N=8" not in spread.index
+    assert zc.seed_spread([a]).empty
+
+
+def test_seed_sentence_names_seed_dependent_verdicts():
+    a, b = _run("seed 0", {cid: claims.PARTLY for cid in zc.HEADLINE_CLAIMS}), None
+    b = _run("seed 1", {**{cid: claims.PARTLY for cid in zc.HEADLINE_CLAIMS}, "sb-lines": claims.REPRODUCED})
+    assert zc.seed_sentence([a, a]).endswith("all 6 headline verdicts are the same on every seed.")
+    assert "1 of 6 headline verdicts depend on the seed: sb-lines (partly on seed 0, reproduced on seed 1)" in \
+        zc.seed_sentence([a, b])
+    assert "One expert seed" in zc.seed_sentence([a])
+
+
+def test_seed_zoos_share_everything_but_the_experts_seed():
+    from subboost.zoo.build import get_config, pretraining_key
+
+    book = get_config("ci")
+    (label, cfg), = zc.seed_zoos("ci", [0, 3])
+    assert label == "zoo v3, expert seed 3" and cfg.expert_seed == 3 and book.expert_seed == 0
+    assert pretraining_key(cfg) == pretraining_key(book)  # the base is shared, not retrained
+    assert cfg.dirname() != book.dirname()
+    assert zc.seed_zoos("ci", None) == []  # ci: the book's zoo only
+    # an unset finetune_seed leaves the config's hash (and so every cached zoo's folder) as before
+    assert "finetune_seed" not in book.to_json() and cfg.to_json()["finetune_seed"] == 3

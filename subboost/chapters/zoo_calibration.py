@@ -16,7 +16,10 @@ headline verdicts of the book on each, with the same settings on both:
 - HO-GSVD expert selection against random draws (Sec. 4.2, Table 5; claim ``selection-pool``).
 
 Every verdict comes from the claim's rule in :mod:`subboost.claims`, so a changed verdict is a
-property of the zoo, not of the rule.
+property of the zoo, not of the rule. With more than one expert seed (parameter
+``expert_seeds``), the book's zoo is fine-tuned again from the same base in another random
+order for each extra seed and the same experiments give a mean and standard error of the
+headline numbers (:func:`seed_spread`) and the verdicts on every seed.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ ZOO_SETS: dict[str, tuple[tuple[str, str], ...]] = {
     "ci": (("zoo v2", "ci-v2"), ("zoo v3", "ci")),
     "full": (("zoo full", "full"),),  # never built with the v2 recipe: measured alone
 }
+#: book profile → the expert seeds of the book's zoo when ``expert_seeds`` is None (each extra
+#: seed fine-tunes all experts again: about 2–3 minutes for the ci zoo on 2 CPU cores, over
+#: the ci book's budget, so one seed there; seconds for the smoke zoo)
+EXPERT_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0, 1), "ci": (0,), "full": (0, 1)}
 #: where the appendix tests less than the claim states
 SCOPE = {"sb-improves": " (TA only here)", "selection-pool": " (Table 5 protocol, TA+SB merges)"}
 #: the claims whose verdicts are recomputed on both zoos
@@ -68,6 +75,22 @@ def zoo_set(profile: str) -> tuple[tuple[str, str], ...]:
     if profile not in ZOO_SETS:
         raise ValueError(f"parameter 'profile': unknown profile {profile!r}; choose one of {', '.join(ZOO_SETS)}")
     return ZOO_SETS[profile]
+
+
+def seed_zoos(profile: str, seeds: Sequence[int] | None = None) -> list[tuple[str, object]]:
+    """(label, zoo config) of the book's zoo with each of ``seeds`` as its experts' seed
+    (default :data:`EXPERT_SEEDS`); the seed the book's zoo already has is left out (it is that
+    zoo). Each is the same zoo (same base, data and recipe) with experts fine-tuned in another
+    random order (``ZooConfig.finetune_seed``)."""
+    from dataclasses import replace
+
+    from subboost.zoo.build import get_config
+
+    label, zoo = zoo_set(profile)[-1]
+    book_zoo = get_config(zoo)
+    seeds = EXPERT_SEEDS[profile] if seeds is None else tuple(int(s) for s in seeds)
+    return [(f"{label}, expert seed {s}", replace(book_zoo, profile=f"{book_zoo.profile}-expert-seed{s}", finetune_seed=s))
+            for s in seeds if s != book_zoo.expert_seed]
 
 
 @dataclass
@@ -248,3 +271,48 @@ def beta_note(runs: Sequence[HeadlineRun]) -> str:
     return (f"On {' and '.join(flat)} every β of the ablation gave exactly the same accuracy: the clamp "
             "of Alg. 1 picked the same cut-off for each, so the β verdict holds trivially there and "
             "says little about β.")
+
+
+def headline_numbers(run: HeadlineRun) -> dict[str, float]:
+    """The headline numbers of one run: test accuracy (%) of every merge of the TA / TA+SB /
+    ±LiNeS table, TA+SB's gain over TA, the mean stable rank of TA merges at each N, and the
+    selection test's pool accuracy (HO-GSVD and the random draws' mean)."""
+    out: dict[str, float] = {}
+    merges = run.results[~run.results.method.isin(["Zero-shot", "Fine-tuned"])]
+    for (method, n), acc in merges.set_index(["method", "n_tasks"]).accuracy.items():
+        out[f"{method} accuracy, N={n}"] = float(acc)
+    ta = merges[merges.method == "TA"].set_index("n_tasks").accuracy
+    sb = merges[merges.method == "TA+SB"].set_index("n_tasks").accuracy
+    for n in sorted(set(ta.index) & set(sb.index)):
+        out[f"TA+SB − TA, N={n}"] = float(sb[n] - ta[n])
+    for n, rank in run.ranks.groupby("n_tasks").stable_rank.mean().items():
+        out[f"TA mean stable rank, N={n}"] = float(rank)
+    rows = run.selection.rows
+    out["HO-GSVD selection, pool accuracy"] = float(rows[rows.kind == "HO-GSVD"]["Pool accuracy"].iloc[0])
+    out["random draws, pool accuracy (mean)"] = float(rows[rows.kind == "Random"]["Pool accuracy"].mean())
+    return out
+
+
+def seed_spread(runs: Sequence[HeadlineRun]) -> pd.DataFrame:
+    """Mean, standard error (sample std / √k) and range over the runs (one per expert seed of the
+    same zoo) of each :func:`headline_numbers` entry; empty with fewer than two runs."""
+    if len(runs) < 2:
+        return pd.DataFrame(columns=["mean", "standard error", "min", "max", "seeds"])
+    table = pd.DataFrame({run.label: headline_numbers(run) for run in runs})
+    k = table.shape[1]
+    return pd.DataFrame({"mean": table.mean(axis=1), "standard error": table.std(axis=1, ddof=1) / k ** 0.5,
+                         "min": table.min(axis=1), "max": table.max(axis=1), "seeds": k})
+
+
+def seed_sentence(runs: Sequence[HeadlineRun]) -> str:
+    """Which headline verdicts differ between expert seeds of the same zoo (computed, for the text)."""
+    if len(runs) < 2:
+        return ("One expert seed was run (parameter `expert_seeds` adds more; each fine-tunes all "
+                "experts again), so these numbers have no standard error here.")
+    differ = [cid for cid in HEADLINE_CLAIMS if len({run.verdicts[cid].verdict for run in runs}) > 1]
+    text = f"Over {len(runs)} expert seeds of the book's zoo, "
+    if not differ:
+        return text + f"all {len(HEADLINE_CLAIMS)} headline verdicts are the same on every seed."
+    parts = ["{} ({})".format(cid, ", ".join(f"{run.verdicts[cid].verdict} on {run.label}" for run in runs))
+             for cid in differ]
+    return text + f"{len(differ)} of {len(HEADLINE_CLAIMS)} headline verdicts depend on the seed: " + "; ".join(parts) + "."

@@ -75,6 +75,9 @@ class ZooConfig(HashedConfig):
     finetune_warmup: int = 15
     finetune_weight_decay: float = 0.01
     pretrain_weight_decay: float = 0.1
+    # the experts' seed (None: ``seed``): another value fine-tunes the same experts on the same
+    # base and data in another random order, for the spread of results over expert seeds
+    finetune_seed: int | None = None
     # data
     n_train: int = 4096
     n_val: int = 128
@@ -85,6 +88,17 @@ class ZooConfig(HashedConfig):
     def model_name(self) -> str:
         """open_clip config name of the zoo's architecture."""
         return f"ZooViT-W{self.width}-L{self.layers}-P{self.patch_size}-I{self.image_size}"
+
+    @property
+    def expert_seed(self) -> int:
+        """The seed of the experts' fine-tuning (each task's expert adds its task index)."""
+        return self.seed if self.finetune_seed is None else int(self.finetune_seed)
+
+    def to_json(self) -> dict:
+        d = super().to_json()
+        if d.get("finetune_seed") is None:  # unset: the zoos built before it keep their hash
+            d.pop("finetune_seed", None)
+        return d
 
 
 #: zoo v3's expert recipe (the fields that differ from ZooConfig's defaults, which are v2's)
@@ -196,7 +210,7 @@ def train_expert(config: ZooConfig, out: Path, task: str, device: str = "cpu", p
     xtr, ytr = T.generate(task, config.n_train, "train", config.seed, config.image_size)
     state = finetune(model, head, xtr, ytr, steps=config.finetune_steps, batch_size=config.finetune_batch,
                      lr=config.finetune_lr, weight_decay=config.finetune_weight_decay,
-                     warmup=config.finetune_warmup, seed=config.seed * 1000 + T.TASK_NAMES.index(task),
+                     warmup=config.finetune_warmup, seed=config.expert_seed * 1000 + T.TASK_NAMES.index(task),
                      device=device, progress=progress, desc=task)
     _save_both(state, mdir / f"{task}Val" / "nonlinear_finetuned.pt")
     expert = create_model(name, architecture(config), out / "model_configs")
@@ -214,7 +228,7 @@ def train_expert(config: ZooConfig, out: Path, task: str, device: str = "cpu", p
 
 #: config fields that only the experts depend on: zoos that differ in these alone share a base
 EXPERT_FIELDS = ("profile", "finetune_steps", "finetune_batch", "finetune_lr", "finetune_warmup",
-                 "finetune_weight_decay", "n_train")
+                 "finetune_weight_decay", "finetune_seed", "n_train")
 
 
 def pretraining_key(config: ZooConfig | Mapping) -> dict:
