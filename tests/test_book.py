@@ -361,6 +361,29 @@ def test_chapters_execute_with_provenance(built_book):
 
 
 @pytest.mark.slow
+def test_appendix_and_chapter_3_agree_on_the_books_zoo(built_book):
+    """The appendix's TA / TA+SB / ±LiNeS merges on the chapters' zoo are chapter 3's Table 1
+    merges (same settings, read back from the book run's result cache): same α, b and accuracy."""
+    import pandas as pd
+
+    from subboost.chapters import zoo_calibration as zc
+
+    profile = built_book["profile"]
+    labels = [label for label, zoo in zc.ZOO_SETS.get(profile, ()) if zoo == profile]
+    if not labels:
+        pytest.skip(f"profile {profile}: the appendix does not run on the chapters' zoo")
+    head = pd.read_csv(built_book["executed"] / "06_zoo_calibration" / "headline_results.csv")
+    head = head[head.zoo == labels[0]].set_index(["method", "n_tasks"])
+    table1 = pd.read_csv(built_book["executed"] / "03_subspace_boosting" / "table1.csv").set_index(["method", "n_tasks"])
+    shared = [k for k in head.index if k in table1.index and k[0] in ("TA", "TA+SB", "TA+LiNeS", "TA+LiNeS+SB")]
+    assert {k[0] for k in shared} == {"TA", "TA+SB", "TA+LiNeS", "TA+LiNeS+SB"}
+    for key in shared:
+        for col in ("accuracy", "alpha", "lines_b"):
+            a, b = head.loc[key, col], table1.loc[key, col]
+            assert (pd.isna(a) and pd.isna(b)) or a == b, (key, col, a, b)
+
+
+@pytest.mark.slow
 def test_site_offers_downloads_and_offline_math(built_book):
     site = built_book["site"]
     toc_files = book._toc_files(ROOT / "_toc.yml")

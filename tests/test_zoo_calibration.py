@@ -123,3 +123,20 @@ def test_seed_zoos_share_everything_but_the_experts_seed():
     assert zc.seed_zoos("ci", None) == []  # ci: the book's zoo only
     # an unset finetune_seed leaves the config's hash (and so every cached zoo's folder) as before
     assert "finetune_seed" not in book.to_json() and cfg.to_json()["finetune_seed"] == 3
+
+
+def test_ta_normalised_sentence_against_the_papers_ratios():
+    from subboost import paper
+
+    theirs = [100 * a / f for a, f in zip(paper.TABLE1_VIT_B32["TA"], paper.TABLE1_VIT_B32["Fine-tuned"])]
+    v2 = {"ta_normalised_8": theirs[0] - 10, "ta_normalised_14": theirs[1] - 12, "ta_normalised_20": theirs[2] - 4}
+    v3 = {"ta_normalised_8": theirs[0] - 11, "ta_normalised_14": theirs[1] - 11, "ta_normalised_20": theirs[2] - 2}
+    text = zc.ta_normalised_sentence({"zoo v2": v2, "zoo v3": v3})
+    assert "Zoo v3 is 2.0–11.0 points below the paper's at every count" in text
+    assert f"changes by {(theirs[2] - 2) - (theirs[0] - 11):+.1f} points from 8 to 20 tasks" in text
+    assert "moved it by at most 2.0 points" in text
+    assert "keep less of their experts' accuracy" in text and "unlike them" not in text  # both fall with N
+    assert "wider or deeper model" in text and "wider or deeper" not in zc.ta_normalised_sentence({"z": v3}, "full")
+    flat = {k: theirs[0] - 20 for k in v3}  # flat in N while the paper's falls
+    assert "unlike them, do not lose more as N grows" in zc.ta_normalised_sentence({"z": flat})
+    assert "not measured" in zc.ta_normalised_sentence({"z": {"ta_normalised_8": 50.0}})

@@ -316,3 +316,47 @@ def seed_sentence(runs: Sequence[HeadlineRun]) -> str:
     parts = ["{} ({})".format(cid, ", ".join(f"{run.verdicts[cid].verdict} on {run.label}" for run in runs))
              for cid in differ]
     return text + f"{len(differ)} of {len(HEADLINE_CLAIMS)} headline verdicts depend on the seed: " + "; ".join(parts) + "."
+
+
+def ta_normalised_sentence(measured: Mapping[str, Mapping[str, float]], profile: str = "ci") -> str:
+    """TA's normalised accuracy at the Table 1 counts on each zoo beside the paper's (the ratio of
+    Table 1's means), how far apart they are and whether each falls with N as the paper's does
+    (computed from the measurements, for the text). The last entry of ``measured`` is the
+    book's zoo; ``profile`` ``full`` (a larger model) drops the note on the model size."""
+    from subboost import paper
+    from subboost.calibration import table1_normalised
+
+    counts = list(paper.TASK_COUNTS)
+    ours = {label: [m.get(f"ta_normalised_{n}") for n in counts] for label, m in measured.items()}
+    ours = {label: v for label, v in ours.items() if all(x is not None for x in v)}
+    if not ours:
+        return "TA's normalised accuracy at the paper's task counts was not measured (the suites have fewer tasks)."
+    theirs = list(table1_normalised("TA"))
+    fmt = "/".join
+    parts = [f"{fmt(f'{x:.1f}' for x in v)} on {label}" for label, v in ours.items()]
+    text = (f"TA's normalised accuracy (merged / fine-tuned, %) at {fmt(map(str, counts))} tasks: " + "; ".join(parts)
+            + f"; the paper's {fmt(f'{x:.1f}' for x in theirs)} (Table 1, ratio of its means).")
+    for label, v in ours.items():
+        gaps = [t - o for o, t in zip(v, theirs)]
+        where = ("below the paper's at every count" if min(gaps) > 0 else
+                 "above the paper's at every count" if max(gaps) < 0 else "on both sides of the paper's")
+        trend = v[-1] - v[0]
+        text += (f" {label.capitalize()} is {min(abs(g) for g in gaps):.1f}–{max(abs(g) for g in gaps):.1f} points "
+                 f"{where}, and changes by {trend:+.1f} points from {counts[0]} to {counts[-1]} tasks "
+                 f"(the paper's: {theirs[-1] - theirs[0]:+.1f}).")
+    if len(ours) >= 2:
+        moved = max(abs(a - b) for a, b in zip(*list(ours.values())[:2]))
+        text += f" The recipe change moved it by at most {moved:.1f} points."
+    book_zoo = list(ours.values())[-1]
+    gaps = [t - o for o, t in zip(book_zoo, theirs)]
+    level = ("keep less of their experts' accuracy than" if min(gaps) > 0 else
+             "keep more of their experts' accuracy than" if max(gaps) < 0 else "keep about as much as")
+    zoo_trend, paper_trend = book_zoo[-1] - book_zoo[0], theirs[-1] - theirs[0]
+    trend = ("and, unlike them, do not lose more as N grows" if zoo_trend >= 0 > paper_trend else
+             "and lose less than them as N grows" if paper_trend < zoo_trend < 0 else "and lose as much or more as N grows")
+    text += (f" The paper gives one value per count, not a range, so these rows are context, not targets: the "
+             f"book's zoo's TA merges {level} the paper's ViT-B/32 merges {trend}.")
+    if profile != "full":
+        text += (" The expert recipes measured for v3 (benchmarks/README.md, \"Zoo recipe search\") did not close "
+                 "this; a wider or deeper model was not tried (the ci book's time budget).")
+    return text
