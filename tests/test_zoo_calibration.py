@@ -140,3 +140,10 @@ def test_ta_normalised_sentence_against_the_papers_ratios():
     flat = {k: theirs[0] - 20 for k in v3}  # flat in N while the paper's falls
     assert "unlike them, do not lose more as N grows" in zc.ta_normalised_sentence({"z": flat})
     assert "not measured" in zc.ta_normalised_sentence({"z": {"ta_normalised_8": 50.0}})
+
+
+def test_one_seed_sentence_names_the_unmeasured_zoo_changes():
+    run = _run("zoo v3", {cid: claims.PARTLY for cid in zc.HEADLINE_CLAIMS})
+    text = zc.seed_sentence([run], ["rank-accuracy", "sb-lines"])
+    assert "(rank-accuracy, sb-lines)" in text and "not measured" in text
+    assert "not measured" not in zc.seed_sentence([run])

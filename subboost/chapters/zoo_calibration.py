@@ -304,11 +304,18 @@ def seed_spread(runs: Sequence[HeadlineRun]) -> pd.DataFrame:
                          "min": table.min(axis=1), "max": table.max(axis=1), "seeds": k})
 
 
-def seed_sentence(runs: Sequence[HeadlineRun]) -> str:
-    """Which headline verdicts differ between expert seeds of the same zoo (computed, for the text)."""
+def seed_sentence(runs: Sequence[HeadlineRun], changed_with_zoo: Sequence[str] = ()) -> str:
+    """Which headline verdicts differ between expert seeds of the same zoo (computed, for the
+    text). ``changed_with_zoo``: the claims whose verdict differs between the zoos; with one
+    seed the sentence says that their change was not compared with the seeds' spread."""
     if len(runs) < 2:
-        return ("One expert seed was run (parameter `expert_seeds` adds more; each fine-tunes all "
-                "experts again), so these numbers have no standard error here.")
+        text = ("One expert seed was run (parameter `expert_seeds` adds more; each fine-tunes all 20 experts "
+                "again and reruns these experiments), so these numbers have no standard error here.")
+        if changed_with_zoo:
+            text += (f" Whether the verdicts that change with the zoo ({', '.join(changed_with_zoo)}) change by more "
+                     "than another expert seed of the same zoo would move them is therefore not measured in this "
+                     "run; a verdict decided by a few tenths of a point may not be.")
+        return text
     differ = [cid for cid in HEADLINE_CLAIMS if len({run.verdicts[cid].verdict for run in runs}) > 1]
     text = f"Over {len(runs)} expert seeds of the book's zoo, "
     if not differ:
