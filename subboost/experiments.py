@@ -120,14 +120,17 @@ class ResultCache:
         self.root = Path(root)
         self._code = _source_digest()
 
-    def key(self, suite: Suite, tasks: Sequence[str], variant: Variant, alphas: Sequence[float]) -> str | None:
-        """The row's key (hex digest), or ``None`` when ``suite`` has no fingerprint."""
+    def key(self, suite: Suite, tasks: Sequence[str], variant: Variant, alphas: Sequence[float],
+            **protocol: object) -> str | None:
+        """The row's key (hex digest), or ``None`` when ``suite`` has no fingerprint. ``tasks``
+        are the merged tasks; ``protocol`` names any other setting the row depends on (e.g. the
+        selection experiments' evaluation tasks), JSON-serialisable."""
         fingerprint = getattr(suite, "fingerprint", None)
         if not fingerprint:
             return None
         fields = {k: v for k, v in asdict(variant).items() if k not in ("label", "alpha_grid")}  # α: ``alphas``
         parts = dict(suite=fingerprint, tasks=list(tasks), variant=fields, alphas=[float(a) for a in alphas],
-                     device=str(getattr(suite, "device", "cpu")), torch=torch.__version__,
+                     protocol=protocol, device=str(getattr(suite, "device", "cpu")), torch=torch.__version__,
                      threads=torch.get_num_threads(), code=self._code)
         text = json.dumps(parts, sort_keys=True, default=repr)
         return hashlib.sha256(text.encode()).hexdigest()
@@ -135,8 +138,8 @@ class ResultCache:
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.json"
 
-    def load(self, key: str, label: str) -> dict | None:
-        """The row stored under ``key`` with ``method`` set to ``label``, or ``None``."""
+    def load(self, key: str, label: str | None = None) -> dict | None:
+        """The row stored under ``key`` (with ``method`` set to ``label`` when given), or ``None``."""
         path = self._path(key)
         if not path.is_file():
             return None
@@ -144,12 +147,14 @@ class ResultCache:
         row = {k: v for k, v in stored["row"]}
         per_task = pd.DataFrame(stored["per_task"], columns=stored["per_task_columns"])
         per_task.attrs.update(stored["per_task_attrs"])
-        row["method"] = label
+        if label is not None:
+            row["method"] = label
         row["per_task"] = per_task
         return row
 
     def store(self, key: str, row: Mapping) -> None:
-        """Publish ``row`` (a row of :func:`evaluate_variant`) under ``key``."""
+        """Publish ``row`` (a row of :func:`evaluate_variant`, or any dict of JSON values with a
+        ``per_task`` evaluation table) under ``key``."""
         from subboost.zoo_common import write_json
 
         per_task = row["per_task"]

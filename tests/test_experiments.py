@@ -163,3 +163,23 @@ def test_result_cache_skips_suites_without_a_fingerprint(tmp_path):
     cache = ex.ResultCache(tmp_path)
     ex.results_table(StubSuite(), [2], [ex.Variant("TA", "ta", alpha_grid=(0.5,))], progress=False, cache=cache)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_selection_evaluator_shares_the_cache_and_keys_on_the_evaluation_tasks(tmp_path):
+    from subboost.chapters.hogsvd_alignment import merge_and_evaluate
+
+    cache = ex.ResultCache(tmp_path)
+    first = CountingSuite()
+    alpha, df = merge_and_evaluate(first, ex.Variant("TA+SB(β=0.0)", "ta"), [0.5, 1.0], cache)(["A", "B"], ["A", "C"])
+    assert first.loads == 2 + 1 and alpha == 0.5
+    again = CountingSuite()
+    evaluator = merge_and_evaluate(again, ex.Variant("TA+SB", "ta"), (0.5, 1.0), cache)  # another label
+    alpha2, df2 = evaluator(["A", "B"], ["A", "C"])
+    assert again.loads == 0 and alpha2 == alpha
+    # merging A and B: task A scores normalised 0.9 (n = 2), C 0.9; accuracy = 0.8 · 0.9
+    assert df2.task.tolist() == ["A", "C"] and df2.accuracy.tolist() == pytest.approx([0.72, 0.72])
+    evaluator(["A", "B"], ["A", "B"])  # other evaluation tasks: evaluated (two α, one test)
+    assert again.loads == 3
+    # a row of evaluate_variant with the same merged tasks is a different key
+    assert ex.evaluate_variant(again, ["A", "B"], ex.Variant("TA", "ta"), alpha_grid=(0.5, 1.0), cache=cache)
+    assert again.loads == 3 + 3

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
 from subboost import claims, paper
-from subboost.experiments import LINES_B, Suite, Variant, beside_paper, merge_variant
+from subboost.experiments import LINES_B, ResultCache, Suite, Variant, beside_paper, merge_variant
 from subboost.hogsvd import AlignmentResult, hogsvd, random_selection, select_experts, selection_score
 from subboost.plotting import colors
 from subboost.taskvector import StateDict, is_zero, parse_block_key
@@ -384,19 +384,32 @@ def table10_protocol(task_names: Sequence[str], sizes: ChapterSizes, seed: int =
 Evaluator = Callable[[Sequence[str], Sequence[str]], tuple[float, pd.DataFrame]]
 
 
-def merge_and_evaluate(suite: Suite, variant: Variant, alpha_grid: Sequence[float]) -> Evaluator:
+def merge_and_evaluate(suite: Suite, variant: Variant, alpha_grid: Sequence[float],
+                       cache: ResultCache | None = None) -> Evaluator:
     """The evaluator of the selection experiments: merge the chosen experts with ``variant``,
     choose α on the validation splits of the *merged* tasks (best mean normalised accuracy),
-    then evaluate the test splits of the evaluation tasks once at that α."""
+    then evaluate the test splits of the evaluation tasks once at that α. With ``cache``
+    (:class:`subboost.experiments.ResultCache`) a set evaluated before with the same settings
+    (e.g. by chapter 4, read by the appendix) is read back."""
     from subboost.evaluate import alpha_sweep, best_alpha, evaluate_delta
 
     alphas = tuple(float(a) for a in alpha_grid)
 
-    def run(merged: Sequence[str], eval_tasks: Sequence[str]) -> tuple[float, pd.DataFrame]:
-        merged = list(merged)
+    def evaluate(merged: list[str], eval_tasks: list[str]) -> tuple[float, pd.DataFrame]:
         delta, _ = merge_variant(suite.task_vectors(merged), variant)
         alpha = best_alpha(alpha_sweep(suite, delta, merged, alphas, split="val"))
-        return alpha, evaluate_delta(suite, delta, alpha, list(eval_tasks), split="test")
+        return alpha, evaluate_delta(suite, delta, alpha, eval_tasks, split="test")
+
+    def run(merged: Sequence[str], eval_tasks: Sequence[str]) -> tuple[float, pd.DataFrame]:
+        merged, eval_tasks = list(merged), list(eval_tasks)
+        key = None if cache is None else cache.key(suite, merged, variant, alphas, select_then_test=eval_tasks)
+        stored = cache.load(key) if key is not None else None
+        if stored is not None:
+            return stored["alpha"], stored["per_task"]
+        alpha, df = evaluate(merged, eval_tasks)
+        if key is not None:
+            cache.store(key, {"alpha": alpha, "per_task": df})
+        return alpha, df
 
     return run
 

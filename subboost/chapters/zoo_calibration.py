@@ -110,13 +110,15 @@ class HeadlineRun:
 
 def headline_run(suite, profile: str, alpha_grid: Sequence[float], label: str, seed: int = 0,
                  n_random_draws: int | None = None, pi: float = 1e-2, progress: bool = False,
-                 lines_b_grid: Sequence[float] | None = None, cache=None) -> HeadlineRun:
+                 lines_b_grid: Sequence[float] | None = None, selection_alpha_grid: Sequence[float] | None = None,
+                 cache=None) -> HeadlineRun:
     """Run the headline experiments on one suite and judge them with the claims' rules.
 
     α is chosen on validation from ``alpha_grid`` for every merge (TA, TA+SB, TA+LiNeS(+SB)
-    with LiNeS' b from ``lines_b_grid``, default chapter 3's, each β, each selected or random
-    set of experts), then the test splits are evaluated once. ``cache``
-    (:class:`subboost.experiments.ResultCache`): merges chapters 1 and 3 evaluated with the
+    with LiNeS' b from ``lines_b_grid``, default chapter 3's, each β), and from
+    ``selection_alpha_grid`` (default ``alpha_grid``) for each selected or random set of
+    experts, then the test splits are evaluated once. ``cache``
+    (:class:`subboost.experiments.ResultCache`): merges chapters 1, 3 and 4 evaluated with the
     same settings on the same zoo are read back, not recomputed."""
     from subboost import experiments as ex
     from subboost import hogsvd as hg
@@ -149,8 +151,9 @@ def headline_run(suite, profile: str, alpha_grid: Sequence[float], label: str, s
     keys = [k for k in select_block_keys(suite.base_state) if k.startswith("visual.")]
     proto = it.table5_protocol(tasks, ch4, seed=seed)
     align = hg.alignment_matrix(suite.task_vectors(proto.alignment_tasks), keys=keys, pi=pi)
-    evaluator = it.merge_and_evaluate(suite, ex.Variant("TA+SB", "ta", boost_beta=0.0), grid)
-    selection = it.run_selection(proto, align, evaluator, alpha_grid=grid)
+    sel_grid = grid if selection_alpha_grid is None else tuple(float(a) for a in selection_alpha_grid)
+    evaluator = it.merge_and_evaluate(suite, ex.Variant("TA+SB", "ta", boost_beta=0.0), sel_grid, cache=cache)
+    selection = it.run_selection(proto, align, evaluator, alpha_grid=sel_grid)
 
     acc = {m: results[(results.method == m) & results.n_tasks.isin(sizes.sb_counts)].set_index("n_tasks").accuracy
            for m in ("TA", "TA+SB", "TA+LiNeS", "TA+LiNeS+SB")}
