@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm  # plain text bar: the book kernels have no ipywidgets
 
 from subboost.evaluate import EvaluationSuite as Suite
-from subboost.evaluate import tune_and_test
+from subboost.evaluate import alpha_sweep, best_alpha, evaluate_delta
 from subboost.merging import get_method, merge
 from subboost.spectral import rank_table
 from subboost.taskvector import StateDict
@@ -208,14 +208,18 @@ def evaluate_variant(suite: Suite, tasks: Sequence[str], variant: Variant,
 def _evaluate_variant(suite: Suite, tasks: Sequence[str], variant: Variant,
                       vectors: Mapping[str, StateDict] | None, alphas: tuple[float, ...]) -> dict:
     vectors = vectors if vectors is not None else suite.task_vectors(tasks)
-    best = None
+    best = None  # (α, LiNeS b) chosen on validation; the test splits evaluated once, at the choice
     for b in (variant.lines_b_grid or (None,)):
         delta, seconds = merge_variant(vectors, variant, lines_b=b)
-        alpha, test_df, sweep_df = tune_and_test(suite, delta, tasks, alphas)
-        val_score = float(sweep_df.loc[sweep_df.alpha == alpha, "normalized_accuracy"].mean())
+        sweep = alpha_sweep(suite, delta, tasks, alphas, split="val")
+        alpha = best_alpha(sweep)
+        val_score = float(sweep.loc[sweep.alpha == alpha, "normalized_accuracy"].mean())
         if best is None or val_score > best[0]:
-            best = (val_score, alpha, b, test_df, seconds)
-    _, alpha, b, test_df, seconds = best
+            best = (val_score, alpha, b, delta, seconds)
+        del delta
+    _, alpha, b, delta, seconds = best
+    test_df = evaluate_delta(suite, delta, alpha, tasks, split="test")
+    test_df.attrs["alpha"] = alpha
     return dict(method=variant.label, n_tasks=len(tasks), accuracy=100 * float(test_df.accuracy.mean()),
                 normalized_accuracy=100 * float(test_df.normalized_accuracy.mean()), alpha=alpha,
                 alpha_at_edge=len(alphas) > 1 and alpha in (min(alphas), max(alphas)), lines_b=float("nan") if b is None else b, merge_seconds=seconds, per_task=test_df)

@@ -183,3 +183,14 @@ def test_selection_evaluator_shares_the_cache_and_keys_on_the_evaluation_tasks(t
     # a row of evaluate_variant with the same merged tasks is a different key
     assert ex.evaluate_variant(again, ["A", "B"], ex.Variant("TA", "ta"), alpha_grid=(0.5, 1.0), cache=cache)
     assert again.loads == 3 + 3
+
+
+def test_lines_variant_chooses_b_and_alpha_on_validation_and_tests_once():
+    """Three LiNeS b × two α on validation, then one test evaluation at the choice (not one per b)."""
+    suite = CountingSuite()
+    suite.load_merged = lambda delta, alpha, s=suite: (setattr(s, "loads", s.loads + 1), 2)[1]
+    row = ex.evaluate_variant(suite, ["A", "B"], ex.Variant("TA+LiNeS", "ta", lines_b_grid=(0.0, 0.5, 1.0)),
+                              alpha_grid=(0.5, 1.0))
+    assert suite.loads == 3 * 2 + 1
+    assert row["lines_b"] == 0.0 and row["alpha"] == 0.5  # every (b, α) ties here: the first of each grid
+    assert row["per_task"].attrs["alpha"] == 0.5
