@@ -141,7 +141,7 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
     - ``model``: ``None`` or a non-empty string;
     - ``pi``: a finite number > 0 (HO-GSVD's π, :func:`subboost.chapters.hogsvd_alignment.check_pi`);
     - ``n_random_draws``, ``n_repeats``, ``matrix_size``: ``None`` or an integer ≥ 1;
-      ``esm_images``: an integer ≥ 1; ``run_*``: true or false;
+      ``esm_images``: an integer ≥ 1; ``run_*``: true, false or ``None`` (the profile's choice);
     - ``lines_b_grid``: non-empty list of finite numbers.
     - ``executor`` ∈ {local, ray} and ``ray_address`` (``host:port`` of a Ray head, needed
       with ``ray`` and checked to answer; :mod:`subboost.executor`).
@@ -220,8 +220,8 @@ def validate_parameters(**params: Any) -> dict[str, Any]:
             else:
                 out[name] = value
         elif name.startswith("run_"):
-            if not isinstance(value, bool):
-                raise ParameterError(name, f"expected true or false, got {value!r}")
+            if value is not None and not isinstance(value, bool):
+                raise ParameterError(name, f"expected true, false or None (the profile's choice), got {value!r}")
             out[name] = value
         elif name == "lines_b_grid":
             items = _as_list(name, value)
