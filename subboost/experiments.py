@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -102,8 +102,8 @@ def merge_variant(vectors: Mapping[str, StateDict], variant: Variant, lines_b: f
 class ResultCache:
     """Evaluated merges shared between the chapters of one book run, kept on disk.
 
-    Chapters 1, 3 and the appendix evaluate some of the same merges (TA and TA+SB at the
-    Table 1 counts, the β ablation) with the same protocol; with one cache folder (the book
+    Chapters 1, 3 and 4 and the appendix evaluate some of the same merges (TA and TA+SB at the
+    Table 1 counts, TA+LiNeS(+SB), the β ablation, the selection test's sets) with the same protocol; with one cache folder (the book
     runner passes ``executed/.results_cache`` as the chapters' ``results_cache`` parameter) a
     later chapter reads what an earlier one measured instead of merging and evaluating again.
     A cached row is the row :func:`evaluate_variant` computed, so a chapter gives the same
@@ -111,7 +111,7 @@ class ResultCache:
     from the first run).
 
     The key holds everything the row depends on: the suite's ``fingerprint`` (the zoo's
-    folder and a digest of its ``build.json``; a suite without one, e.g. real checkpoints, is
+    folder, a digest of its ``build.json`` and the evaluation batch size; a suite without one, e.g. real checkpoints, is
     never cached), the tasks in order, the variant's fields except its label, the α grid used, the
     device, torch's version and thread count, and a digest of this package's source (a code
     change never reuses an older row). Rows are published atomically (one JSON file per key)."""
@@ -150,6 +150,18 @@ class ResultCache:
         if label is not None:
             row["method"] = label
         row["per_task"] = per_task
+        return row
+
+    def get_or_compute(self, key: str | None, compute: Callable[[], dict], label: str | None = None) -> dict:
+        """The row under ``key`` if stored (:meth:`load`), else ``compute()`` stored under it;
+        ``key=None`` (an uncacheable suite) only computes."""
+        if key is not None:
+            row = self.load(key, label)
+            if row is not None:
+                return row
+        row = compute()
+        if key is not None:
+            self.store(key, row)
         return row
 
     def store(self, key: str, row: Mapping) -> None:
@@ -194,15 +206,10 @@ def evaluate_variant(suite: Suite, tasks: Sequence[str], variant: Variant,
     task vectors of ``tasks`` (or ``None``).
     """
     alphas = tuple(alpha_grid) if alpha_grid is not None else variant.alphas()
-    key = cache.key(suite, tasks, variant, alphas) if cache is not None else None
-    if key is not None:
-        row = cache.load(key, variant.label)
-        if row is not None:
-            return row
-    row = _evaluate_variant(suite, tasks, variant, vectors, alphas)
-    if key is not None:
-        cache.store(key, row)
-    return row
+    if cache is None:
+        return _evaluate_variant(suite, tasks, variant, vectors, alphas)
+    return cache.get_or_compute(cache.key(suite, tasks, variant, alphas),
+                                lambda: _evaluate_variant(suite, tasks, variant, vectors, alphas), variant.label)
 
 
 def _evaluate_variant(suite: Suite, tasks: Sequence[str], variant: Variant,

@@ -278,4 +278,3 @@ def test_default_root_outside_a_checkout_is_a_user_cache(tmp_path, monkeypatch):
     assert installed.default_root() == tmp_path / "xdg" / "subboost" / "zoo"
     monkeypatch.setenv("SUBBOOST_ZOO_ROOT", str(tmp_path / "mine"))
     assert installed.default_root() == tmp_path / "mine"
-

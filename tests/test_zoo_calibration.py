@@ -104,7 +104,7 @@ def test_seed_spread_mean_and_standard_error_by_hand():
 
 
 def test_seed_sentence_names_seed_dependent_verdicts():
-    a, b = _run("seed 0", {cid: claims.PARTLY for cid in zc.HEADLINE_CLAIMS}), None
+    a = _run("seed 0", {cid: claims.PARTLY for cid in zc.HEADLINE_CLAIMS})
     b = _run("seed 1", {**{cid: claims.PARTLY for cid in zc.HEADLINE_CLAIMS}, "sb-lines": claims.REPRODUCED})
     assert zc.seed_sentence([a, a]).endswith("all 6 headline verdicts are the same on every seed.")
     assert "1 of 6 headline verdicts depend on the seed: sb-lines (partly on seed 0, reproduced on seed 1)" in \

@@ -402,14 +402,11 @@ def merge_and_evaluate(suite: Suite, variant: Variant, alpha_grid: Sequence[floa
 
     def run(merged: Sequence[str], eval_tasks: Sequence[str]) -> tuple[float, pd.DataFrame]:
         merged, eval_tasks = list(merged), list(eval_tasks)
-        key = None if cache is None else cache.key(suite, merged, variant, alphas, select_then_test=eval_tasks)
-        stored = cache.load(key) if key is not None else None
-        if stored is not None:
-            return stored["alpha"], stored["per_task"]
-        alpha, df = evaluate(merged, eval_tasks)
-        if key is not None:
-            cache.store(key, {"alpha": alpha, "per_task": df})
-        return alpha, df
+        if cache is None:
+            return evaluate(merged, eval_tasks)
+        row = cache.get_or_compute(cache.key(suite, merged, variant, alphas, select_then_test=eval_tasks),
+                                   lambda: dict(zip(("alpha", "per_task"), evaluate(merged, eval_tasks))))
+        return row["alpha"], row["per_task"]
 
     return run
 
